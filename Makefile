@@ -1,0 +1,53 @@
+# graft's command index. `make run` and `make test` set everything up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export PATH := $(abspath $(BIN)):$(PATH)
+# Offline by design: no telemetry from Prefect, DVC or Great Expectations.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := False
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: help env run sample-data repro test test-fast lint format clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+env: $(STAMP)  ## create .venv with graft and its dependencies
+
+sample-data: $(STAMP)  ## write the embedded digits sample into data/ if data/ is empty
+	@if [ -z "$$(ls -A data 2>/dev/null)" ]; then \
+		$(BIN)/graft sample-data && $(BIN)/dvc commit --force --quiet data.dvc; \
+	else echo "data/ already has files: using them."; fi
+
+run: sample-data  ## run the Prefect training flow end to end (validate ... export)
+	$(BIN)/python flows/training.py
+
+repro: sample-data  ## the same pipeline through plain `dvc repro`
+	$(BIN)/dvc repro
+
+test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check src flows tests
+	$(BIN)/ruff format --check src flows tests
+
+format: $(STAMP)  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff check --fix src flows tests
+	$(BIN)/ruff format src flows tests
+
+clean:  ## remove pipeline outputs (never data/)
+	rm -rf artifacts models metrics plots reports dvclive .pytest_cache

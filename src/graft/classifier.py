@@ -1,0 +1,98 @@
+"""The grafted classifier (backbone + head) and its checkpoint files.
+
+A checkpoint holds tensors and plain values only, so it loads with ``weights_only=True``:
+``kind`` is ``head`` (the head's weights, on top of the recorded pretrained backbone) or
+``full`` (every weight of the fine-tuned model).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import nn
+
+from graft.backbones import WeightsError, create_backbone
+from graft.errors import GraftError
+
+CHECKPOINT_FORMAT = "graft.classifier/1"
+Kind = Literal["head", "full"]
+
+
+class CheckpointError(GraftError):
+    """A model file is missing, foreign, or does not fit the backbone it names."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What must travel with a model so that anyone can rebuild and feed it."""
+
+    backbone: str
+    weights: str
+    weights_sha256: str | None
+    data_config: dict[str, Any]
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    spec: ModelSpec
+    kind: Kind
+    state_dict: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Write ``path`` through a temporary file so a good model is never half-replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": asdict(checkpoint.spec),
+        "kind": checkpoint.kind,
+        "state_dict": checkpoint.state_dict,
+        "info": checkpoint.info,
+    }
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_file():
+        raise CheckpointError(f"Model file {path} not found: run the stage that writes it first.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a graft model file ({CHECKPOINT_FORMAT}).")
+    return Checkpoint(
+        ModelSpec(**payload["spec"]), payload["kind"], payload["state_dict"], payload["info"]
+    )
+
+
+def build_classifier(checkpoint: Checkpoint) -> nn.Module:
+    """Rebuild the full timm classifier a checkpoint describes, in eval mode.
+
+    Raises:
+        WeightsError: if a ``head`` checkpoint's backbone weights are not the recorded ones.
+    """
+    spec = checkpoint.spec
+    num_classes = len(spec.labels)
+    if checkpoint.kind == "head":
+        backbone = create_backbone(spec.backbone, spec.weights, num_classes=num_classes)
+        if spec.weights_sha256 and backbone.weights_sha256 != spec.weights_sha256:
+            raise WeightsError(
+                f"The head was trained on {spec.backbone} weights with sha256 "
+                f"{spec.weights_sha256}, but {spec.weights!r} now gives {backbone.weights_sha256}: "
+                "re-run the features and train_head stages."
+            )
+        model = backbone.model
+        model.get_classifier().load_state_dict(checkpoint.state_dict)
+    elif checkpoint.kind == "full":
+        model = timm.create_model(spec.backbone, pretrained=False, num_classes=num_classes)
+        model.load_state_dict(checkpoint.state_dict)
+    else:
+        raise CheckpointError(f"Unknown checkpoint kind {checkpoint.kind!r}.")
+    return model.eval()

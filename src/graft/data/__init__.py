@@ -1,0 +1,1 @@
+"""Reading the raw image folder: decoding, layout, splits, manifest and its expectations."""

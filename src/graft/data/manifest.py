@@ -1,0 +1,181 @@
+"""The manifest: one row per image file found under ``data/``, the contract between stages.
+
+Columns: ``path`` (relative to the data folder, ``/``-separated), ``label``, ``split``,
+``sha256`` and ``bytes`` of the file, ``format``, ``mode``, ``width`` and ``height`` as decoded,
+``status`` (``ok`` or ``quarantined``) and ``reason`` (why it was quarantined, "" when ok).
+Every image is fully decoded once here; a file that fails is kept as a quarantined row, so the
+run goes on and the report can list it. Nothing under the data folder is ever written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from graft.config import DataParams
+from graft.data.images import ImageRejected, decode_image
+from graft.data.layout import ImageFile, Layout, discover_images
+from graft.data.splits import assign_split
+from graft.errors import GraftError
+from graft.files import write_text_atomic
+
+MANIFEST_COLUMNS = (
+    "path",
+    "label",
+    "split",
+    "sha256",
+    "bytes",
+    "format",
+    "mode",
+    "width",
+    "height",
+    "status",
+    "reason",
+)
+INTEGER_COLUMNS = ("bytes", "width", "height")
+DUPLICATE = "duplicate"
+# Decoding holds whole images in memory, so a few threads are plenty (Pillow releases the GIL).
+_MAX_DECODE_THREADS = 8
+
+
+class ManifestError(GraftError, ValueError):
+    """A manifest file that is missing columns graft needs."""
+
+
+def build_manifest(
+    data_dir: Path, params: DataParams, *, layout: Layout | None = None
+) -> pd.DataFrame:
+    """Decode every image under ``data_dir`` and describe it in one manifest row.
+
+    A file that cannot be used is quarantined with its reason (``empty``, ``not_an_image``,
+    ``truncated``, ``too_small``, ``too_many_pixels``, ``unreadable``,
+    ``symlink_outside_data``, ``broken_symlink``). A byte-identical copy of an earlier image
+    with the same label in the same split is quarantined as ``duplicate``.
+
+    Args:
+        data_dir: the data folder, in either layout of :mod:`graft.data.layout`.
+        params: the ``data`` section of ``params.yaml``.
+        layout: the result of :func:`~graft.data.layout.discover_images` if already known.
+
+    Returns:
+        The manifest, sorted by path, with exactly the columns in ``MANIFEST_COLUMNS``.
+    """
+    if layout is None:
+        layout = discover_images(data_dir)
+    images = layout.images
+    workers = max(1, min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(images)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        described = pool.map(lambda image: _describe(image, params), images)
+        rows = list(
+            tqdm(described, total=len(images), desc="checking images", unit="img", disable=None)
+        )
+    has_val_folder = "val" in layout.split_folders
+    for image, row in zip(images, rows, strict=True):
+        row["split"] = _split_of(image, row["sha256"], params, has_val_folder)
+    return _quarantine_duplicates(_as_frame(rows))
+
+
+def _describe(image: ImageFile, params: DataParams) -> dict:
+    row: dict = {
+        "path": image.relative,
+        "label": image.label,
+        "sha256": "",
+        "bytes": pd.NA,
+        "format": "",
+        "mode": "",
+        "width": pd.NA,
+        "height": pd.NA,
+        "status": "quarantined",
+        "reason": image.problem,
+    }
+    if image.problem:
+        return row  # never read through a link that leaves the data folder
+    try:
+        content = image.path.read_bytes()
+    except OSError:
+        return {**row, "reason": "unreadable"}
+    row.update(sha256=hashlib.sha256(content).hexdigest(), bytes=len(content))
+    try:
+        decoded = decode_image(content, min_size=params.min_size, max_pixels=params.max_pixels)
+    except ImageRejected as rejected:
+        return {**row, "reason": rejected.reason}
+    width, height = decoded.image.size
+    return {
+        **row,
+        "format": decoded.format,
+        "mode": decoded.mode,
+        "width": width,
+        "height": height,
+        "status": "ok",
+    }
+
+
+def _split_of(image: ImageFile, sha256: str, params: DataParams, has_val_folder: bool) -> str:
+    # An unreadable file has no content hash; its path stands in (it is never used anyway).
+    key = sha256 or hashlib.sha256(image.relative.encode()).hexdigest()
+    if image.split is None:
+        return assign_split(key, params.seed, params.val_fraction, params.test_fraction)
+    if image.split == "train" and not has_val_folder:
+        return assign_split(key, params.seed, params.val_fraction, 0.0)
+    return image.split
+
+
+def _quarantine_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    ok = manifest["status"] == "ok"
+    repeated = manifest[ok].duplicated(subset=["sha256", "split", "label"], keep="first")
+    later_copies = repeated[repeated].index
+    manifest.loc[later_copies, "status"] = "quarantined"
+    manifest.loc[later_copies, "reason"] = DUPLICATE
+    return manifest
+
+
+def _as_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(list(rows), columns=list(MANIFEST_COLUMNS))
+    frame = frame.sort_values("path", kind="stable", ignore_index=True)
+    return _with_column_types(frame)
+
+
+def _with_column_types(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in MANIFEST_COLUMNS:
+        if column in INTEGER_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column].replace("", pd.NA)).astype("Int64")
+        else:
+            frame[column] = frame[column].astype(object)
+    return frame
+
+
+def write_manifest(manifest: pd.DataFrame, path: Path) -> None:
+    """Write the manifest as CSV, atomically (a reader never sees half a file)."""
+    buffer = io.StringIO()
+    manifest.to_csv(buffer, columns=list(MANIFEST_COLUMNS), index=False, lineterminator="\n")
+    write_text_atomic(Path(path), buffer.getvalue())
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest written by :func:`write_manifest`.
+
+    Every text column stays a string (a class named ``0`` or ``NA`` stays ``"0"`` or ``"NA"``);
+    ``bytes``, ``width`` and ``height`` are nullable integers.
+
+    Raises:
+        ManifestError: if the file is missing or lacks manifest columns.
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    except FileNotFoundError:
+        raise ManifestError(f"{path} not found: run `graft validate` first.") from None
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ManifestError(
+            f"{path} is not a graft manifest (missing columns: {', '.join(missing)}); "
+            "rerun `graft validate` to rebuild it."
+        )
+    return _with_column_types(frame[list(MANIFEST_COLUMNS)].copy())

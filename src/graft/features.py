@@ -1,0 +1,102 @@
+"""Pooled embeddings from the frozen backbone, and the per-split feature files that hold them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from graft.preprocessing import load_tensor_batch
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One split's embeddings with the manifest rows they came from."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64 indices into the label list
+    paths: np.ndarray  # (N,) manifest paths, relative to the data folder
+    sha256: np.ndarray  # (N,) content hashes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def inference_layout(model: nn.Module) -> nn.Module:
+    """Eval mode, channels-last: about 1.7x faster on CPU (measured, tf_efficientnet_lite0)."""
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+def forward_in_batches(
+    model: nn.Module,
+    paths: Sequence[Path],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    description: str,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Run ``forward`` (the model itself by default) over images in batches, with a progress bar.
+
+    Returns:
+        The stacked outputs as float32, one row per path.
+    """
+    forward = forward or model
+    device = next(model.parameters()).device
+    outputs = []
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(paths), desc=description, unit="img", disable=None) as progress,
+    ):
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            batch = load_tensor_batch(chunk, transform).to(
+                device, memory_format=torch.channels_last
+            )
+            outputs.append(forward(batch).float().cpu().numpy())
+            progress.update(len(chunk))
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def extract_features(
+    trunk: nn.Module,
+    paths: Sequence[Path],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    description: str = "features",
+) -> np.ndarray:
+    """Embed ``paths`` with the frozen ``trunk`` (a timm model created with ``num_classes=0``)."""
+    return forward_in_batches(inference_layout(trunk), paths, transform, batch_size, description)
+
+
+def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
+    """Write ``path`` (.npz) via a temporary file, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(
+            handle,
+            features=feature_set.features,
+            labels=feature_set.labels,
+            paths=feature_set.paths.astype(str),
+            sha256=feature_set.sha256.astype(str),
+        )
+    os.replace(temporary, path)
+
+
+def load_feature_set(path: Path) -> FeatureSet:
+    with np.load(path, allow_pickle=False) as archive:
+        return FeatureSet(
+            features=archive["features"],
+            labels=archive["labels"],
+            paths=archive["paths"],
+            sha256=archive["sha256"],
+        )

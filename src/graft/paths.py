@@ -1,0 +1,66 @@
+"""Where each stage reads and writes, relative to the project root (the folder of dvc.yaml).
+
+``dvc.yaml`` names the same paths; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def data_dvc(self) -> Path:
+        return self.root / "data.dvc"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "artifacts" / "manifest.csv"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "artifacts" / "features"
+
+    @property
+    def validation_reports(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    @property
+    def head_model(self) -> Path:
+        return self.root / "models" / "head.pt"
+
+    @property
+    def finetuned_model(self) -> Path:
+        return self.root / "models" / "finetuned.pt"
+
+    @property
+    def blessing(self) -> Path:
+        return self.root / "models" / "blessing.json"
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.root / "models" / "model.onnx"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def evaluation_report(self) -> Path:
+        return self.root / "reports" / "evaluation.md"

@@ -1,0 +1,139 @@
+"""Human-facing evaluation output: the markdown report, the confusion plot and its DVC data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graft.evaluate import Blessing
+from graft.files import read_json
+from graft.paths import ProjectPaths
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def confusion_csv(
+    paths: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
+) -> str:
+    """One row per test image, as DVC's ``confusion`` plot template expects."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "actual", "predicted"])
+    for path, actual, predicted in zip(paths, y_true, y_pred, strict=True):
+        writer.writerow([path, labels[actual], labels[predicted]])
+    return buffer.getvalue()
+
+
+def save_confusion_plot(matrix: list[list[int]], labels: list[str], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.5 * len(labels) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=labels).plot(
+        ax=axes, colorbar=False, cmap="Blues"
+    )
+    axes.set_title("Test confusion matrix (candidate)")
+    figure.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = dest.with_name(f".{dest.name}.tmp.png")
+    figure.savefig(temporary, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    os.replace(temporary, dest)
+
+
+def evaluation_markdown(
+    results: dict[str, dict[str, Any]],
+    finetune_metrics: dict[str, Any],
+    blessing: Blessing,
+    plot: str,
+) -> str:
+    """The evaluation report: both models side by side, the gate, per-class results."""
+    lines = ["# Evaluation", ""]
+    verdict = "**blessed**" if blessing.passed else "**not blessed**"
+    lines += [f"Candidate: `{blessing.candidate}` ({blessing.model}) — {verdict}.", ""]
+    if finetune_metrics.get("skipped"):
+        lines += [
+            "Fine-tuning was skipped (finetune.enabled is false or finetune.epochs is 0).",
+            "",
+        ]
+    lines += [
+        "The candidate is chosen on **val** (fine-tuned only if it beats the head alone); "
+        f"val accuracy: head {finetune_metrics['head_val_accuracy']:.4f}, "
+        f"fine-tuned {finetune_metrics['val_accuracy']:.4f}.",
+        "",
+        "## Test metrics",
+        "",
+        "| model | " + " | ".join(HEADLINE) + " | images |",
+        "|---|" + "---|" * (len(HEADLINE) + 1),
+    ]
+    for name, metrics in results.items():
+        values = " | ".join(f"{metrics[key]:.4f}" for key in HEADLINE)
+        lines.append(f"| {name} | {values} | {metrics['n']} |")
+    lines += ["", "## Gate", "", "| check | value | minimum | passed |", "|---|---|---|---|"]
+    for check in blessing.checks:
+        value = "missing" if check.value is None else f"{check.value:.4f}"
+        lines.append(f"| {check.name} | {value} | {check.threshold:.4f} | {check.passed} |")
+    for reason in blessing.reasons:
+        lines.append(f"- {reason}")
+    lines += ["", "## Per class (candidate)", "", "| class | precision | recall | f1 | support |"]
+    lines.append("|---|---|---|---|---|")
+    for label, row in results[blessing.candidate]["per_class"].items():
+        lines.append(
+            f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
+            f"| {row['support']} |"
+        )
+    lines += ["", f"![confusion matrix]({plot})", ""]
+    return "\n".join(lines)
+
+
+def run_report_markdown(paths: ProjectPaths, outcome: str) -> str:
+    """The flow run's report: validation counts, both models, the gate and export parity."""
+
+    def load(path: Path) -> dict[str, Any]:
+        return read_json(path) if path.is_file() else {}
+
+    validation = load(paths.metrics / "validation.json")
+    head, finetune = load(paths.metrics / "head.json"), load(paths.metrics / "finetune.json")
+    evaluation, export = load(paths.metrics / "eval.json"), load(paths.metrics / "export.json")
+    blessing = load(paths.blessing)
+    lines = [f"# graft training run: {outcome}", ""]
+    if validation:
+        lines += [
+            f"Data: {validation.get('images')} images, {validation.get('ok')} usable, "
+            f"{validation.get('quarantined')} quarantined, {validation.get('classes')} classes.",
+            "",
+        ]
+    lines += ["| model | val accuracy | test accuracy | test macro-F1 |", "|---|---|---|---|"]
+    val_of = {"head": head.get("val_accuracy"), "finetuned": finetune.get("val_accuracy")}
+    for name, val in val_of.items():
+        test = evaluation.get(name, {})
+        cells = [val, test.get("accuracy"), test.get("macro_f1")]
+        lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += [
+        "",
+        f"Candidate: `{blessing.get('candidate')}`; gate passed: {blessing.get('passed')}.",
+    ]
+    lines += [f"- {reason}" for reason in blessing.get("reasons", [])]
+    if outcome == "exported" and export:
+        parity = export["parity"]
+        lines += [
+            "",
+            f"Exported `models/model.onnx`: parity on {parity['images']} test images, "
+            f"max |Δ logit| "
+            f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}"

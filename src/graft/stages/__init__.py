@@ -1,0 +1,1 @@
+"""Stage entry points: each reads params.yaml, calls the library and writes its outputs."""

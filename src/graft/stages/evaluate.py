@@ -1,0 +1,86 @@
+"""Stage ``evaluate``: test metrics for both models, the candidate chosen on val, and the gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graft.classifier import build_classifier, load_checkpoint
+from graft.config import load_params
+from graft.evaluate import Blessing, bless, classification_metrics, select_candidate
+from graft.features import forward_in_batches, inference_layout, load_feature_set
+from graft.files import read_json, write_json, write_text_atomic
+from graft.paths import ProjectPaths
+from graft.preprocessing import eval_transform
+from graft.report import confusion_csv, evaluation_markdown, save_confusion_plot
+
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def main(root: Path = Path(".")) -> Blessing:
+    paths = ProjectPaths(root)
+    params = load_params(paths.params)
+    head_ckpt = load_checkpoint(paths.head_model)
+    labels = head_ckpt.spec.labels
+    test = load_feature_set(paths.features / "test.npz")
+    finetune_metrics = read_json(paths.metrics / "finetune.json")
+
+    head = torch.nn.Linear(test.features.shape[1], len(labels))
+    head.load_state_dict(head_ckpt.state_dict)
+    with torch.inference_mode():
+        head_pred = head(torch.from_numpy(test.features)).argmax(1).numpy()
+    results = {"head": classification_metrics(test.labels, head_pred, labels)}
+    predictions = {"head": head_pred}
+    if not finetune_metrics["skipped"]:
+        model = inference_layout(build_classifier(load_checkpoint(paths.finetuned_model)))
+        logits = forward_in_batches(
+            model,
+            [paths.data / p for p in test.paths],
+            eval_transform(head_ckpt.spec.data_config),
+            params.features.batch_size,
+            "evaluate finetuned",
+        )
+        predictions["finetuned"] = logits.argmax(1)
+        results["finetuned"] = classification_metrics(test.labels, predictions["finetuned"], labels)
+
+    candidate = select_candidate(
+        finetune_metrics["head_val_accuracy"],
+        None if finetune_metrics["skipped"] else finetune_metrics["val_accuracy"],
+    )
+    model_path = paths.head_model if candidate == "head" else paths.finetuned_model
+    blessing = bless(
+        candidate,
+        model_path.relative_to(paths.root).as_posix(),
+        results[candidate],
+        params.evaluate,
+    )
+
+    write_json(paths.blessing, blessing.to_dict())
+    write_json(paths.metrics / "eval.json", _metrics_summary(candidate, results, blessing))
+    chosen = predictions[candidate]
+    write_text_atomic(
+        paths.plots / "confusion.csv", confusion_csv(test.paths, test.labels, chosen, labels)
+    )
+    save_confusion_plot(
+        results[candidate]["confusion_matrix"], labels, paths.plots / "confusion.png"
+    )
+    write_text_atomic(
+        paths.evaluation_report,
+        evaluation_markdown(results, finetune_metrics, blessing, plot="../plots/confusion.png"),
+    )
+    verdict = "BLESSED" if blessing.passed else "NOT BLESSED: " + "; ".join(blessing.reasons)
+    accuracy = results[candidate]["accuracy"]
+    print(f"evaluate: candidate {candidate}, test accuracy {accuracy:.4f} — {verdict}")
+    return blessing
+
+
+def _metrics_summary(candidate: str, results: dict[str, Any], blessing: Blessing) -> dict[str, Any]:
+    summary: dict[str, Any] = {key: results[candidate][key] for key in SUMMARY_KEYS}
+    summary["candidate"] = candidate
+    summary["blessed"] = blessing.passed
+    summary["test_images"] = results[candidate]["n"]
+    for name, metrics in results.items():
+        summary[name] = {key: metrics[key] for key in SUMMARY_KEYS}
+    return summary

@@ -1,0 +1,85 @@
+"""Stage ``validate``: check every raw image, write the manifest, the report and the counts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from graft.config import load_params
+from graft.data.manifest import write_manifest
+from graft.errors import GraftError
+from graft.files import write_json
+from graft.paths import ProjectPaths
+from graft.validate import MAX_LISTED_FILES, ValidationResult, validate
+
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "validation.json"
+
+
+def main(root: Path = Path(".")) -> ValidationResult:
+    """Validate ``root/data`` with ``params.yaml``'s ``data`` section and write the outputs.
+
+    Writes ``artifacts/manifest.csv``, ``reports/validation/summary.json`` and
+    ``metrics/validation.json``; never anything under ``data/``.
+
+    Raises:
+        DataValidationError: the data cannot be trained on (see :func:`graft.validate.validate`).
+        ParamsError: ``params.yaml`` is missing or invalid.
+    """
+    paths = ProjectPaths(Path(root))
+    params = load_params(paths.params)
+    result = validate(paths.data, params.data)
+    write_manifest(result.manifest, paths.manifest)
+    write_json(paths.validation_reports / SUMMARY_NAME, result.summary)
+    write_json(paths.metrics / METRICS_NAME, validation_metrics(result.summary))
+    print_report(result.summary, paths)
+    return result
+
+
+def validation_metrics(summary: dict) -> dict[str, int]:
+    """The counts DVC tracks as the stage's metric."""
+    return {
+        "images": summary["images"],
+        "ok": summary["ok"],
+        "quarantined": summary["quarantined"],
+        "classes": len(summary["classes"]),
+    }
+
+
+def print_report(summary: dict, paths: ProjectPaths, console: Console | None = None) -> None:
+    """A short human report: the counts, then the quarantined files and why."""
+    console = console or Console()
+    splits = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
+    console.print(
+        f"validate: {summary['images']} images in {len(summary['classes'])} classes "
+        f"({summary['layout']['kind']}); {summary['ok']} ok, "
+        f"{summary['quarantined']} quarantined; usable per split: {splits}"
+    )
+    ignored = summary["ignored_files"]["count"]
+    if ignored:
+        console.print(f"ignored {ignored} files that are not images in class folders")
+    quarantined = summary["quarantined_files"]
+    if not quarantined:
+        return
+    console.print(f"quarantined {len(quarantined)} files (skipped; nothing under data/ changed):")
+    table = Table("file", "reason")
+    for entry in quarantined[:MAX_LISTED_FILES]:
+        table.add_row(Text(entry["path"]), Text(entry["reason"]))
+    console.print(table)
+    if len(quarantined) > MAX_LISTED_FILES:
+        console.print(
+            f"... and {len(quarantined) - MAX_LISTED_FILES} more: see "
+            f"{paths.validation_reports / SUMMARY_NAME}"
+        )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except GraftError as exc:
+        print(f"graft validate: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

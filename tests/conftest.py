@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny projects on the real sample digits with a tiny random-weight timm model."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from graft.paths import ProjectPaths
+from graft.sample_data import write_sample_data
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough to run every stage in seconds; the real weights are exercised by the slow tests.
+TINY_PARAMS = {
+    "data": {"min_images_per_class": 3, "val_fraction": 0.25, "test_fraction": 0.25},
+    "backbone": {"name": "test_efficientnet", "weights": "random"},
+    "features": {"batch_size": 16},
+    "head": {"epochs": 60, "patience": 15},
+    "finetune": {"epochs": 2, "batch_size": 8},
+    "evaluate": {"min_accuracy": 0.0},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_environment():
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def write_params(root: Path, overrides: dict | None = None) -> None:
+    params = copy.deepcopy(TINY_PARAMS)
+    for section, values in (overrides or {}).items():
+        params.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(root: Path, per_class: int = 12, overrides: dict | None = None) -> ProjectPaths:
+    """A project folder with params.yaml and ``per_class`` real digits per class in data/."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_params(root, overrides)
+    write_sample_data(root / "data", per_class=per_class)
+    return ProjectPaths(root)
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> ProjectPaths:
+    return make_project(tmp_path / "project")
