@@ -33,9 +33,11 @@ def _offline_environment():
 
 
 def write_params(root: Path, overrides: dict | None = None) -> None:
-    params = copy.deepcopy(TINY_PARAMS)
-    for section, values in (overrides or {}).items():
-        params.setdefault(section, {}).update(values)
+    """The repository's params.yaml with the tiny settings and ``overrides`` applied."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for changes in (TINY_PARAMS, overrides or {}):
+        for section, values in copy.deepcopy(changes).items():
+            params.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

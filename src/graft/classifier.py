@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from graft.backbones import WeightsError, create_backbone
-from graft.errors import GraftError
+from graft.errors import GraftError, MissingInputError
 
 CHECKPOINT_FORMAT = "graft.classifier/1"
 Kind = Literal["head", "full"]
@@ -63,7 +63,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     if not path.is_file():
-        raise CheckpointError(f"Model file {path} not found: run the stage that writes it first.")
+        raise MissingInputError(path)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a graft model file ({CHECKPOINT_FORMAT}).")

@@ -3,3 +3,13 @@
 
 class GraftError(Exception):
     """An error the user can fix; the CLI prints its message without a traceback."""
+
+
+class MissingInputError(GraftError, FileNotFoundError):
+    """A stage's input does not exist yet: an earlier stage has not run."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"{path} not found: run the stage that writes it first "
+            "(`dvc repro` or `make run` runs the stages in order)."
+        )

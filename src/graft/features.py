@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from graft.errors import MissingInputError
 from graft.preprocessing import load_tensor_batch
 
 
@@ -93,6 +94,8 @@ def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
 
 
 def load_feature_set(path: Path) -> FeatureSet:
+    if not path.is_file():
+        raise MissingInputError(path)
     with np.load(path, allow_pickle=False) as archive:
         return FeatureSet(
             features=archive["features"],

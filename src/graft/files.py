@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from graft.errors import MissingInputError
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,4 +22,12 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file another stage wrote.
+
+    Raises:
+        MissingInputError: if the file does not exist yet.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingInputError(path) from None

@@ -31,8 +31,6 @@ from graft.preprocessing import eval_transform, load_tensor_batch
 def main(root: Path = Path(".")) -> Parity:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
-    if not paths.blessing.is_file():
-        raise ExportRefused(f"{paths.blessing} not found: run the evaluate stage first.")
     blessing = read_json(paths.blessing)
     if not blessing["passed"]:
         raise ExportRefused(

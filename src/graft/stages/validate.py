@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -11,7 +10,6 @@ from rich.text import Text
 
 from graft.config import load_params
 from graft.data.manifest import write_manifest
-from graft.errors import GraftError
 from graft.files import write_json
 from graft.paths import ProjectPaths
 from graft.validate import MAX_LISTED_FILES, ValidationResult, validate
@@ -75,11 +73,3 @@ def print_report(summary: dict, paths: ProjectPaths, console: Console | None = N
             f"... and {len(quarantined) - MAX_LISTED_FILES} more: see "
             f"{paths.validation_reports / SUMMARY_NAME}"
         )
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except GraftError as exc:
-        print(f"graft validate: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None

@@ -1,0 +1,98 @@
+"""The `graft` command as a user meets it: clear errors without tracebacks, the sample data."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from graft.cli import app
+from graft.sample_data import write_sample_data
+from tests.conftest import make_project, write_params
+
+runner = CliRunner()
+
+
+def graft(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path: Path):
+    write_params(tmp_path)
+    (tmp_path / "data").mkdir()
+    result = graft("validate", "--root", str(tmp_path))
+    assert result.exit_code == 1
+    assert "no images" in result.output and "graft sample-data" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_single_class_is_a_clear_error(tmp_path: Path):
+    paths = make_project(tmp_path, per_class=6)
+    for folder in paths.data.iterdir():
+        if folder.name != "7":
+            for image in folder.iterdir():
+                image.unlink()
+            folder.rmdir()
+    result = graft("validate", "--root", str(tmp_path))
+    assert result.exit_code == 1
+    assert "class" in result.output and "'7'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_params_key_stops_a_stage_naming_the_key(tmp_path: Path):
+    make_project(tmp_path, per_class=6)
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace("finetune:", "finetune:\n  epocs: 3", 1))
+    result = graft("validate", "--root", str(tmp_path))
+    assert result.exit_code == 1
+    assert "unknown key 'finetune.epocs'" in result.output
+
+
+def test_corrupt_image_is_quarantined_and_reported_while_validation_succeeds(tmp_path: Path):
+    paths = make_project(tmp_path, per_class=12)
+    victim = sorted((paths.data / "2").iterdir())[0]
+    truncated = tmp_path / "corrupt.png"
+    truncated.write_bytes(victim.read_bytes()[:40])
+    (paths.data / "2" / "corrupt.png").write_bytes(truncated.read_bytes())
+    result = graft("validate", "--root", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "1 quarantined" in result.output and "corrupt.png" in result.output
+    manifest = paths.manifest.read_text()
+    assert "2/corrupt.png" in manifest and "quarantined" in manifest
+
+
+def test_sample_data_is_the_digits_byte_for_byte_reproducible(tmp_path: Path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert graft("sample-data", "--dest", str(first)).exit_code == 0
+    write_sample_data(second)
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {
+            p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*.png")
+        }
+
+    assert len(digest(first)) == 1797
+    assert sorted(p.name for p in first.iterdir()) == [str(d) for d in range(10)]
+    assert digest(first) == digest(second)
+
+
+def test_sample_data_never_writes_into_a_folder_with_files(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "mine").mkdir(parents=True)
+    (data / "mine" / "photo.jpg").write_bytes(b"precious")
+    result = graft("sample-data", "--dest", str(data))
+    assert result.exit_code == 1 and "not empty" in result.output
+    assert graft("sample-data", "--dest", str(data), "--if-empty").exit_code == 0
+    assert [p.name for p in data.rglob("*") if p.is_file()] == ["photo.jpg"]
+    assert (data / "mine" / "photo.jpg").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("command", ["features", "train-head", "finetune", "evaluate", "export"])
+def test_stages_run_out_of_order_say_what_is_missing(tmp_path: Path, command: str):
+    write_params(tmp_path)
+    result = graft(command, "--root", str(tmp_path))
+    assert result.exit_code == 1
+    assert "not found" in result.output and "Traceback" not in result.output
