@@ -49,7 +49,7 @@ def run_stage(stage: str, project_dir: Path) -> None:
     tail = []
     for line in process.stdout:
         line = line.rstrip()
-        if line and "\r" not in line:  # progress-bar redraws stay out of the run log
+        if line:  # universal newlines: each progress-bar redraw arrives as its own line
             logger.info(line)
             tail = (tail + [line])[-20:]
     if process.wait() != 0:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from graft.errors import MissingInputError
 from graft.preprocessing import load_tensor_batch
+from graft.progress import progress
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def forward_in_batches(
     outputs = []
     with (
         torch.inference_mode(),
-        tqdm(total=len(paths), desc=description, unit="img", disable=None) as progress,
+        progress(len(paths), description) as bar,
     ):
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
@@ -61,7 +61,7 @@ def forward_in_batches(
                 device, memory_format=torch.channels_last
             )
             outputs.append(forward(batch).float().cpu().numpy())
-            progress.update(len(chunk))
+            bar.update(len(chunk))
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(outputs).astype(np.float32, copy=False)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from graft.config import FinetuneParams
 from graft.errors import GraftError
 from graft.features import forward_in_batches, inference_layout
 from graft.head import accuracy
+from graft.progress import progress
 
 
 class FinetuneError(GraftError):
@@ -131,9 +131,8 @@ def finetune(
     for epoch in range(1, params.epochs + 1):
         order = torch.randperm(len(y_train), generator=generator)
         total_loss = 0.0
-        for batch in tqdm(
-            order.split(params.batch_size), desc=f"finetune epoch {epoch}", disable=None
-        ):
+        bar = progress(len(y_train), f"finetune epoch {epoch}/{params.epochs}")
+        for batch in order.split(params.batch_size):
             optimizer.zero_grad()
             loss = loss_fn(split.top(train_h[batch]), y_train[batch])
             if not torch.isfinite(loss.detach()):
@@ -144,7 +143,10 @@ def finetune(
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)
+            bar.update(len(batch))
         val_acc = _evaluate_top(split, val_h, y_val)
+        bar.set_postfix(loss=f"{total_loss / len(y_train):.4f}", val_accuracy=f"{val_acc:.4f}")
+        bar.close()
         history.append(
             {"epoch": epoch, "train_loss": total_loss / len(y_train), "val_accuracy": val_acc}
         )

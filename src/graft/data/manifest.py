@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from graft.config import DataParams
 from graft.data.images import ImageRejected, decode_image
@@ -25,6 +24,7 @@ from graft.data.layout import ImageFile, Layout, discover_images
 from graft.data.splits import assign_split
 from graft.errors import GraftError
 from graft.files import write_text_atomic
+from graft.progress import progress
 
 MANIFEST_COLUMNS = (
     "path",
@@ -73,9 +73,11 @@ def build_manifest(
     workers = max(1, min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(images)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         described = pool.map(lambda image: _describe(image, params), images)
-        rows = list(
-            tqdm(described, total=len(images), desc="checking images", unit="img", disable=None)
-        )
+        with progress(len(images), "checking images") as bar:
+            rows = []
+            for row in described:
+                rows.append(row)
+                bar.update()
     has_val_folder = "val" in layout.split_folders
     for image, row in zip(images, rows, strict=True):
         row["split"] = _split_of(image, row["sha256"], params, has_val_folder)
