@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := False
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: help env run sample-data repro test test-fast lint format clean
+.PHONY: help env run sample-data repro test test-fast bench lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)  ## benchmarks; figures go to bench/results/
+	$(BIN)/python bench/finetune_prefix_cache.py
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src flows tests
