@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from graft.backbones import create_backbone
-from graft.features import inference_layout
 from graft.finetune import split_trunk
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.sample_data import write_sample_data
@@ -29,7 +28,7 @@ RESULTS = Path(__file__).parent / "results" / "finetune_prefix_cache.json"
 
 
 def trainable(model: nn.Module, unfreeze_blocks: int):
-    model = inference_layout(model)
+    model = model.eval().to(memory_format=torch.channels_last)
     split = split_trunk(model, unfreeze_blocks)
     for parameter in model.parameters():
         parameter.requires_grad_(False)

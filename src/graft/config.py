@@ -7,6 +7,7 @@ values a user changes, and a typo fails before any work with a message naming th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -70,6 +71,9 @@ class FeaturesParams(_Section):
     """Read by ``features``: how embeddings are computed."""
 
     batch_size: int = Field(64, ge=1)
+    engine: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="auto: onnxruntime on CPU, torch on CUDA"
+    )
 
 
 class HeadParams(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from graft.engines import Engine, Runner, make_runner
 from graft.errors import MissingInputError
 from graft.preprocessing import load_tensor_batch
 from graft.progress import progress
@@ -30,40 +32,30 @@ class FeatureSet:
         return len(self.labels)
 
 
-def inference_layout(model: nn.Module) -> nn.Module:
-    """Eval mode, channels-last: about 1.7x faster on CPU (measured, tf_efficientnet_lite0)."""
-    return model.eval().to(memory_format=torch.channels_last)
-
-
 def forward_in_batches(
-    model: nn.Module,
+    runner: Runner,
     paths: Sequence[Path],
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
     description: str,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Run ``forward`` (the model itself by default) over images in batches, with a progress bar.
+    """Run ``runner`` over the images in batches, decoding the next batch while one runs.
 
     Returns:
         The stacked outputs as float32, one row per path.
     """
-    forward = forward or model
-    device = next(model.parameters()).device
-    outputs = []
-    with (
-        torch.inference_mode(),
-        progress(len(paths), description) as bar,
-    ):
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            batch = load_tensor_batch(chunk, transform).to(
-                device, memory_format=torch.channels_last
-            )
-            outputs.append(forward(batch).float().cpu().numpy())
-            bar.update(len(chunk))
-    if not outputs:
+    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
+    outputs = []
+    with ThreadPoolExecutor(max_workers=1) as decoder, progress(len(paths), description) as bar:
+        pending = decoder.submit(load_tensor_batch, chunks[0], transform)
+        for index, chunk in enumerate(chunks):
+            batch = pending.result()
+            if index + 1 < len(chunks):
+                pending = decoder.submit(load_tensor_batch, chunks[index + 1], transform)
+            outputs.append(runner(batch))
+            bar.update(len(chunk))
     return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
@@ -71,11 +63,14 @@ def extract_features(
     trunk: nn.Module,
     paths: Sequence[Path],
     transform: Callable[[Image.Image], torch.Tensor],
+    input_size: list[int],
     batch_size: int,
+    engine: Engine = "auto",
     description: str = "features",
 ) -> np.ndarray:
     """Embed ``paths`` with the frozen ``trunk`` (a timm model created with ``num_classes=0``)."""
-    return forward_in_batches(inference_layout(trunk), paths, transform, batch_size, description)
+    runner = make_runner(trunk, input_size, batch_size, engine)
+    return forward_in_batches(runner, paths, transform, batch_size, description)
 
 
 def save_feature_set(feature_set: FeatureSet, path: Path) -> None:

@@ -19,8 +19,9 @@ from PIL import Image
 from torch import nn
 
 from graft.config import FinetuneParams
+from graft.engines import Engine, make_runner
 from graft.errors import GraftError
-from graft.features import forward_in_batches, inference_layout
+from graft.features import forward_in_batches
 from graft.head import accuracy
 from graft.progress import progress
 
@@ -33,7 +34,7 @@ class FinetuneError(GraftError):
 class TrunkSplit:
     """A classifier cut in two: a frozen prefix and a trainable top that ends in the logits."""
 
-    prefix: Callable[[torch.Tensor], torch.Tensor]
+    prefix: nn.Module
     top: Callable[[torch.Tensor], torch.Tensor]
     backbone_top: list[nn.Module]
     head: nn.Module
@@ -67,9 +68,7 @@ def split_trunk(model: nn.Module, unfreeze_blocks: int) -> TrunkSplit:
             f"{len(blocks)} blocks: choose 1 to {len(blocks)}."
         )
     lower, upper = blocks[: len(blocks) - unfreeze_blocks], blocks[len(blocks) - unfreeze_blocks :]
-
-    def prefix(x: torch.Tensor) -> torch.Tensor:
-        return lower(model.bn1(model.conv_stem(x)))
+    prefix = nn.Sequential(model.conv_stem, model.bn1, lower)
 
     def top(h: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.bn2(model.conv_head(upper(h))))
@@ -90,15 +89,17 @@ def finetune(
     val_paths: Sequence[Path],
     val_labels: np.ndarray,
     transform: Callable[[Image.Image], torch.Tensor],
+    input_size: list[int],
     params: FinetuneParams,
+    engine: Engine = "auto",
 ) -> FinetuneResult:
     """Fine-tune ``model`` (backbone + trained head) and return its best state on val.
 
     Epoch 0 is the model as given, so ``head_val_accuracy`` is the LP baseline measured the same
-    way as every fine-tuned epoch.
+    way as every fine-tuned epoch. ``engine`` computes the frozen prefix (see graft.engines).
     """
     torch.manual_seed(params.seed)
-    model = inference_layout(model)  # eval mode throughout: BatchNorm statistics stay frozen
+    model.eval()  # eval mode throughout: BatchNorm statistics stay frozen
     split = split_trunk(model, params.unfreeze_blocks)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -107,13 +108,16 @@ def finetune(
     for parameter in backbone_params + head_params:
         parameter.requires_grad_(True)
 
+    runner = make_runner(split.prefix, input_size, params.batch_size, engine)
+
     def prefix_of(paths: Sequence[Path], name: str) -> torch.Tensor:
         array = forward_in_batches(
-            model, paths, transform, params.batch_size, f"frozen prefix ({name})", split.prefix
+            runner, paths, transform, params.batch_size, f"frozen prefix ({name})"
         )
         return torch.from_numpy(array).contiguous(memory_format=torch.channels_last)
 
     train_h, val_h = prefix_of(train_paths, "train"), prefix_of(val_paths, "val")
+    model.to(memory_format=torch.channels_last)
     y_train, y_val = torch.tensor(train_labels).long(), torch.tensor(val_labels).long()
 
     optimizer = torch.optim.AdamW(

@@ -9,8 +9,9 @@ import torch
 
 from graft.classifier import build_classifier, load_checkpoint
 from graft.config import load_params
+from graft.engines import make_runner
 from graft.evaluate import Blessing, bless, classification_metrics, select_candidate
-from graft.features import forward_in_batches, inference_layout, load_feature_set
+from graft.features import forward_in_batches, load_feature_set
 from graft.files import read_json, write_json, write_text_atomic
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
@@ -34,12 +35,14 @@ def main(root: Path = Path(".")) -> Blessing:
     results = {"head": classification_metrics(test.labels, head_pred, labels)}
     predictions = {"head": head_pred}
     if not finetune_metrics["skipped"]:
-        model = inference_layout(build_classifier(load_checkpoint(paths.finetuned_model)))
+        model = build_classifier(load_checkpoint(paths.finetuned_model))
+        input_size = head_ckpt.spec.data_config["input_size"]
+        batch_size = params.features.batch_size
         logits = forward_in_batches(
-            model,
+            make_runner(model, input_size, batch_size, params.features.engine),
             [paths.data / p for p in test.paths],
             eval_transform(head_ckpt.spec.data_config),
-            params.features.batch_size,
+            batch_size,
             "evaluate finetuned",
         )
         predictions["finetuned"] = logits.argmax(1)

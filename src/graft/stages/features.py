@@ -32,7 +32,13 @@ def main(root: Path = Path(".")) -> ModelSpec:
         rows = usable[usable["split"] == split]
         image_paths = [paths.data / p for p in rows["path"]]
         features = extract_features(
-            backbone.model, image_paths, transform, params.features.batch_size, f"features {split}"
+            backbone.model,
+            image_paths,
+            transform,
+            backbone.data_config["input_size"],
+            params.features.batch_size,
+            params.features.engine,
+            f"features {split}",
         )
         if len(rows) == 0:
             features = np.zeros((0, backbone.num_features), dtype=np.float32)

@@ -41,7 +41,9 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             val_paths,
             val_y,
             eval_transform(spec.data_config),
+            spec.data_config["input_size"],
             params.finetune,
+            params.features.engine,
         )
     else:
         head_val = float(head.info["val_accuracy"])

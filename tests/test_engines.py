@@ -1,0 +1,70 @@
+"""The two engines that run frozen modules give the same numbers on real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graft.backbones import create_backbone
+from graft.engines import OnnxRunner, TorchRunner, make_runner, resolve_engine
+from graft.features import extract_features
+from graft.finetune import split_trunk
+from graft.preprocessing import eval_transform, load_tensor_batch
+from graft.sample_data import write_sample_data
+
+
+@pytest.fixture(scope="module")
+def digit_paths(tmp_path_factory) -> list[Path]:
+    data = tmp_path_factory.mktemp("engines") / "data"
+    write_sample_data(data, per_class=2)
+    return sorted(data.rglob("*.png"))
+
+
+def test_auto_means_onnxruntime_on_cpu_and_torch_on_cuda():
+    expected = "torch" if torch.cuda.is_available() else "onnxruntime"
+    assert resolve_engine("auto") == expected
+    assert resolve_engine("torch") == "torch"
+
+
+def test_engines_agree_on_embeddings_of_real_images(digit_paths):
+    backbone = create_backbone("test_efficientnet", "random")
+    transform = eval_transform(backbone.data_config)
+    size = backbone.data_config["input_size"]
+    by_engine = {
+        engine: extract_features(backbone.model, digit_paths, transform, size, 8, engine)
+        for engine in ("torch", "onnxruntime")
+    }
+    assert by_engine["torch"].shape == (len(digit_paths), backbone.num_features)
+    np.testing.assert_allclose(by_engine["onnxruntime"], by_engine["torch"], atol=1e-4)
+
+
+def test_the_frozen_prefix_runs_on_either_engine(digit_paths):
+    model = create_backbone("test_efficientnet", "random", num_classes=10).model
+    split = split_trunk(model, 2)
+    size = create_backbone("test_efficientnet", "random").data_config["input_size"]
+    batch = load_tensor_batch(digit_paths[:5], eval_transform({"input_size": size}))
+    onnx_out = OnnxRunner(split.prefix, tuple(size), batch_size=5)(batch)
+    torch_out = TorchRunner(split.prefix)(batch)
+    assert onnx_out.ndim == 4 and onnx_out.shape == torch_out.shape
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4)
+
+
+def test_a_runner_accepts_a_last_batch_smaller_than_it_was_warmed_for(digit_paths):
+    backbone = create_backbone("test_efficientnet", "random")
+    runner = make_runner(backbone.model, backbone.data_config["input_size"], 8, "onnxruntime")
+    batch = load_tensor_batch(digit_paths[:3], eval_transform(backbone.data_config))
+    assert runner(batch).shape == (3, backbone.num_features)
+
+
+@pytest.mark.slow
+def test_engines_agree_on_the_real_pretrained_backbone(digit_paths):
+    backbone = create_backbone("tf_efficientnet_lite0", "packaged")
+    transform = eval_transform(backbone.data_config)
+    size = backbone.data_config["input_size"]
+    paths = digit_paths[:8]
+    torch_features = extract_features(backbone.model, paths, transform, size, 8, "torch")
+    onnx_features = extract_features(backbone.model, paths, transform, size, 8, "onnxruntime")
+    np.testing.assert_allclose(onnx_features, torch_features, atol=1e-4)
