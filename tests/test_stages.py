@@ -100,9 +100,15 @@ def test_evaluate_reports_both_models_and_blesses_the_candidate(tiny_project):
     assert len(confusion) == test_size == eval_metrics["test_images"]
     accuracy = (confusion.actual == confusion.predicted).mean()
     assert accuracy == pytest.approx(eval_metrics["accuracy"])
-    assert (tiny_project.plots / "confusion.png").stat().st_size > 1000
+    for plot in ("confusion.png", "reliability.png", "misclassified.png"):
+        assert (tiny_project.plots / plot).stat().st_size > 1000, plot
+    low, high = eval_metrics["accuracy_ci95_low"], eval_metrics["accuracy_ci95_high"]
+    assert low <= eval_metrics["accuracy"] <= high
+    assert 0.0 <= eval_metrics["ece"] <= 1.0
     report = tiny_project.evaluation_report.read_text()
     assert "| head |" in report and "| finetuned |" in report and "**blessed**" in report
+    wrong = int((confusion.actual != confusion.predicted).sum())
+    assert f"Misclassified test images ({wrong};" in report
 
 
 def test_export_writes_a_checked_onnx_model_that_matches_the_evaluation(tiny_project):

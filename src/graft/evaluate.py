@@ -18,10 +18,57 @@ from sklearn.metrics import (
 from graft.config import EvaluateParams
 
 
+def expected_calibration_error(
+    probabilities: np.ndarray, y_true: np.ndarray, bins: int = 15
+) -> tuple[float, list[dict[str, float]]]:
+    """ECE over equal-width confidence bins, and the bins for a reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        members = which == b
+        if not members.any():
+            continue
+        gap = abs(correct[members].mean() - confidence[members].mean())
+        ece += members.mean() * gap
+        table.append(
+            {
+                "confidence": float(confidence[members].mean()),
+                "accuracy": float(correct[members].mean()),
+                "count": int(members.sum()),
+            }
+        )
+    return float(ece), table
+
+
+def bootstrap_accuracy_interval(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of accuracy over the test images (fixed seed)."""
+    if len(y_true) == 0:
+        return float("nan"), float("nan")
+    correct = (y_true == y_pred).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(resamples, len(correct)))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
+    y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1 and the confusion matrix."""
+    """Accuracy with its bootstrap 95% interval, balanced accuracy, macro-F1, calibration (ECE),
+    per-class P/R/F1 and the confusion matrix, from class probabilities."""
+    y_pred = probabilities.argmax(axis=1)
+    ece, reliability = expected_calibration_error(probabilities, y_true)
+    low, high = bootstrap_accuracy_interval(y_true, y_pred)
     indices = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=indices, zero_division=0
@@ -32,6 +79,9 @@ def classification_metrics(
         "macro_f1": float(
             f1_score(y_true, y_pred, labels=indices, average="macro", zero_division=0)
         ),
+        "accuracy_ci95": [low, high],
+        "ece": ece,
+        "reliability": reliability,
         "n": int(len(y_true)),
         "per_class": {
             label: {

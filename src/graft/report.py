@@ -15,8 +15,6 @@ from graft.evaluate import Blessing
 from graft.files import read_json
 from graft.paths import ProjectPaths
 
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
-
 
 def confusion_csv(
     paths: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]
@@ -30,34 +28,82 @@ def confusion_csv(
     return buffer.getvalue()
 
 
-def save_confusion_plot(matrix: list[list[int]], labels: list[str], dest: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, dest: Path) -> None:
+    """Write a figure through a temporary file; no software tag, so reruns give the same bytes."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = dest.with_name(f".{dest.name}.tmp.png")
+    figure.tight_layout()
+    figure.savefig(temporary, dpi=100, metadata={"Software": None})
+    _pyplot().close(figure)
+    os.replace(temporary, dest)
+
+
+def save_confusion_plot(matrix: list[list[int]], labels: list[str], dest: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = max(4.0, 0.5 * len(labels) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
+    figure, axes = _pyplot().subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.array(matrix), display_labels=labels).plot(
         ax=axes, colorbar=False, cmap="Blues"
     )
     axes.set_title("Test confusion matrix (candidate)")
-    figure.tight_layout()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = dest.with_name(f".{dest.name}.tmp.png")
-    figure.savefig(temporary, dpi=100, metadata={"Software": None})
-    plt.close(figure)
-    os.replace(temporary, dest)
+    _save_figure(figure, dest)
+
+
+def save_reliability_plot(reliability: list[dict[str, float]], ece: float, dest: Path) -> None:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    figure, axes = _pyplot().subplots(figsize=(4.5, 4.5))
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    confidence = [row["confidence"] for row in reliability]
+    accuracy = [row["accuracy"] for row in reliability]
+    sizes = [
+        20 + 200 * row["count"] / max(1, sum(r["count"] for r in reliability))
+        for row in reliability
+    ]
+    axes.scatter(confidence, accuracy, s=sizes, label="bins (area: images)")
+    axes.plot(confidence, accuracy)
+    axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence", ylabel="accuracy")
+    axes.set_title(f"Reliability (ECE {ece:.3f})")
+    axes.legend(loc="upper left")
+    _save_figure(figure, dest)
+
+
+def save_misclassified_gallery(
+    image_paths: Sequence[Path], captions: Sequence[str], dest: Path, limit: int = 24
+) -> None:
+    """A grid of misclassified test images captioned ``true → predicted (confidence)``."""
+    from graft.data.images import load_image
+
+    shown = list(zip(image_paths, captions, strict=True))[:limit]
+    columns = 6
+    rows = max(1, -(-len(shown) // columns))
+    figure, axes = _pyplot().subplots(rows, columns, figsize=(2 * columns, 2.2 * rows))
+    for axis in np.atleast_1d(axes).ravel():
+        axis.axis("off")
+    for axis, (path, caption) in zip(np.atleast_1d(axes).ravel(), shown, strict=False):
+        axis.imshow(load_image(path), interpolation="nearest")
+        axis.set_title(caption, fontsize=9)
+    if not shown:
+        figure.suptitle("No misclassified test images")
+    _save_figure(figure, dest)
 
 
 def evaluation_markdown(
     results: dict[str, dict[str, Any]],
     finetune_metrics: dict[str, Any],
     blessing: Blessing,
-    plot: str,
+    misclassified: int,
 ) -> str:
-    """The evaluation report: both models side by side, the gate, per-class results."""
+    """The evaluation report: both models side by side, the gate, per-class results, plots."""
     lines = ["# Evaluation", ""]
     verdict = "**blessed**" if blessing.passed else "**not blessed**"
     lines += [f"Candidate: `{blessing.candidate}` ({blessing.model}) — {verdict}.", ""]
@@ -73,13 +119,25 @@ def evaluation_markdown(
         "",
         "## Test metrics",
         "",
-        "| model | " + " | ".join(HEADLINE) + " | images |",
-        "|---|" + "---|" * (len(HEADLINE) + 1),
+        "| model | accuracy | 95% interval | balanced accuracy | macro-F1 | ECE | images |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, metrics in results.items():
-        values = " | ".join(f"{metrics[key]:.4f}" for key in HEADLINE)
-        lines.append(f"| {name} | {values} | {metrics['n']} |")
-    lines += ["", "## Gate", "", "| check | value | minimum | passed |", "|---|---|---|---|"]
+    for name, m in results.items():
+        low, high = m["accuracy_ci95"]
+        lines.append(
+            f"| {name} | {m['accuracy']:.4f} | {low:.4f}–{high:.4f} | "
+            f"{m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} | {m['n']} |"
+        )
+    lines += [
+        "",
+        "The interval is a percentile bootstrap over the test images; ECE is the expected "
+        "calibration error over 15 confidence bins.",
+        "",
+        "## Gate",
+        "",
+        "| check | value | minimum | passed |",
+        "|---|---|---|---|",
+    ]
     for check in blessing.checks:
         value = "missing" if check.value is None else f"{check.value:.4f}"
         lines.append(f"| {check.name} | {value} | {check.threshold:.4f} | {check.passed} |")
@@ -92,7 +150,18 @@ def evaluation_markdown(
             f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
             f"| {row['support']} |"
         )
-    lines += ["", f"![confusion matrix]({plot})", ""]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![confusion matrix](../plots/confusion.png) ![reliability](../plots/reliability.png)",
+        "",
+        f"Misclassified test images ({misclassified}; up to 24 shown, "
+        "captioned true → predicted (confidence)):",
+        "",
+        "![misclassified](../plots/misclassified.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

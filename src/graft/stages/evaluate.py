@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from graft.classifier import build_classifier, load_checkpoint
@@ -15,9 +16,15 @@ from graft.features import forward_in_batches, load_feature_set
 from graft.files import read_json, write_json, write_text_atomic
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
-from graft.report import confusion_csv, evaluation_markdown, save_confusion_plot
+from graft.report import (
+    confusion_csv,
+    evaluation_markdown,
+    save_confusion_plot,
+    save_misclassified_gallery,
+    save_reliability_plot,
+)
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
 
 def main(root: Path = Path(".")) -> Blessing:
@@ -31,9 +38,8 @@ def main(root: Path = Path(".")) -> Blessing:
     head = torch.nn.Linear(test.features.shape[1], len(labels))
     head.load_state_dict(head_ckpt.state_dict)
     with torch.inference_mode():
-        head_pred = head(torch.from_numpy(test.features)).argmax(1).numpy()
-    results = {"head": classification_metrics(test.labels, head_pred, labels)}
-    predictions = {"head": head_pred}
+        head_logits = head(torch.from_numpy(test.features)).numpy()
+    probabilities = {"head": softmax(head_logits)}
     if not finetune_metrics["skipped"]:
         model = build_classifier(load_checkpoint(paths.finetuned_model))
         input_size = head_ckpt.spec.data_config["input_size"]
@@ -45,8 +51,11 @@ def main(root: Path = Path(".")) -> Blessing:
             batch_size,
             "evaluate finetuned",
         )
-        predictions["finetuned"] = logits.argmax(1)
-        results["finetuned"] = classification_metrics(test.labels, predictions["finetuned"], labels)
+        probabilities["finetuned"] = softmax(logits)
+    results = {
+        name: classification_metrics(test.labels, probs, labels)
+        for name, probs in probabilities.items()
+    }
 
     candidate = select_candidate(
         finetune_metrics["head_val_accuracy"],
@@ -62,16 +71,31 @@ def main(root: Path = Path(".")) -> Blessing:
 
     write_json(paths.blessing, blessing.to_dict())
     write_json(paths.metrics / "eval.json", _metrics_summary(candidate, results, blessing))
-    chosen = predictions[candidate]
+    chosen = probabilities[candidate]
+    predicted = chosen.argmax(axis=1)
     write_text_atomic(
-        paths.plots / "confusion.csv", confusion_csv(test.paths, test.labels, chosen, labels)
+        paths.plots / "confusion.csv", confusion_csv(test.paths, test.labels, predicted, labels)
     )
     save_confusion_plot(
         results[candidate]["confusion_matrix"], labels, paths.plots / "confusion.png"
     )
+    save_reliability_plot(
+        results[candidate]["reliability"],
+        results[candidate]["ece"],
+        paths.plots / "reliability.png",
+    )
+    wrong = np.flatnonzero(predicted != test.labels)
+    save_misclassified_gallery(
+        [paths.data / test.paths[i] for i in wrong],
+        [
+            f"{labels[test.labels[i]]} → {labels[predicted[i]]} ({chosen[i].max():.2f})"
+            for i in wrong
+        ],
+        paths.plots / "misclassified.png",
+    )
     write_text_atomic(
         paths.evaluation_report,
-        evaluation_markdown(results, finetune_metrics, blessing, plot="../plots/confusion.png"),
+        evaluation_markdown(results, finetune_metrics, blessing, len(wrong)),
     )
     verdict = "BLESSED" if blessing.passed else "NOT BLESSED: " + "; ".join(blessing.reasons)
     accuracy = results[candidate]["accuracy"]
@@ -83,7 +107,15 @@ def _metrics_summary(candidate: str, results: dict[str, Any], blessing: Blessing
     summary: dict[str, Any] = {key: results[candidate][key] for key in SUMMARY_KEYS}
     summary["candidate"] = candidate
     summary["blessed"] = blessing.passed
+    summary["accuracy_ci95_low"], summary["accuracy_ci95_high"] = results[candidate][
+        "accuracy_ci95"
+    ]
     summary["test_images"] = results[candidate]["n"]
     for name, metrics in results.items():
         summary[name] = {key: metrics[key] for key in SUMMARY_KEYS}
     return summary
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -1,0 +1,81 @@
+"""The metrics and the gate, on numbers whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from graft.config import EvaluateParams
+from graft.evaluate import (
+    bless,
+    bootstrap_accuracy_interval,
+    classification_metrics,
+    expected_calibration_error,
+    select_candidate,
+)
+
+
+def one_hot(indices, classes=3, confidence=1.0):
+    probabilities = np.full((len(indices), classes), (1 - confidence) / (classes - 1))
+    probabilities[np.arange(len(indices)), indices] = confidence
+    return probabilities
+
+
+def test_confident_and_right_is_perfectly_calibrated():
+    y = np.array([0, 1, 2, 1])
+    ece, bins = expected_calibration_error(one_hot(y), y)
+    assert ece == pytest.approx(0.0)
+    assert sum(row["count"] for row in bins) == 4
+
+
+def test_confident_and_wrong_has_an_ece_equal_to_its_confidence():
+    y = np.array([0, 0, 0, 0])
+    ece, _ = expected_calibration_error(one_hot(np.array([1, 1, 1, 1]), confidence=0.9), y)
+    assert ece == pytest.approx(0.9)
+
+
+def test_bootstrap_interval_brackets_accuracy_and_narrows_with_more_images():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (50, 2000):
+        y = rng.integers(0, 3, n)
+        y_pred = np.where(rng.random(n) < 0.8, y, (y + 1) % 3)
+        low, high = bootstrap_accuracy_interval(y, y_pred)
+        assert low <= (y == y_pred).mean() <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 3
+
+
+def test_metrics_from_probabilities_match_the_confusion_matrix():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 0])
+    metrics = classification_metrics(y, one_hot(predicted, confidence=0.8), ["a", "b", "c"])
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert metrics["per_class"]["b"]["recall"] == 1.0
+    assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+
+
+def test_the_candidate_is_chosen_on_val_and_ties_keep_the_head():
+    assert select_candidate(0.90, 0.95) == "finetuned"
+    assert select_candidate(0.95, 0.95) == "head"
+    assert select_candidate(0.95, None) == "head"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None])
+def test_a_missing_or_nan_metric_fails_closed(bad):
+    metrics = {"accuracy": 0.99, "macro_f1": bad}
+    blessing = bless("head", "models/head.pt", metrics, EvaluateParams(min_accuracy=0.5))
+    assert blessing.passed is False
+    assert any("macro_f1 is missing or NaN" in reason for reason in blessing.reasons)
+
+
+def test_the_gate_passes_only_at_or_above_every_threshold():
+    params = EvaluateParams(min_accuracy=0.9, min_macro_f1=0.8)
+    assert bless("head", "m", {"accuracy": 0.9, "macro_f1": 0.8}, params).passed
+    refused = bless("head", "m", {"accuracy": 0.89, "macro_f1": 0.95}, params)
+    assert not refused.passed
+    assert refused.reasons == ["accuracy 0.8900 is below the minimum 0.9000"]
+    assert not math.isnan(refused.checks[0].value)
