@@ -129,6 +129,10 @@ def test_export_writes_a_checked_onnx_model_that_matches_the_evaluation(tiny_pro
         assert logits.shape == (batch, 10)
     parity = read_json(tiny_project.metrics / "export.json")["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
+    card = tiny_project.model_card.read_text()
+    accuracy = read_json(tiny_project.metrics / "eval.json")["accuracy"]
+    assert f"| {accuracy:.4f} |" in card and metadata["data_version"] in card
+    assert "## Intended use" in card and "## Limitations" in card and "| 9 |" in card
     assert parity["images"] == len(load_feature_set(tiny_project.features / "test.npz"))
 
 

@@ -64,3 +64,11 @@ class ProjectPaths:
     @property
     def evaluation_report(self) -> Path:
         return self.root / "reports" / "evaluation.md"
+
+    @property
+    def evaluation_details(self) -> Path:
+        return self.root / "reports" / "evaluation.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "models" / "model_card.md"

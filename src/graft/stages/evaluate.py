@@ -71,6 +71,7 @@ def main(root: Path = Path(".")) -> Blessing:
 
     write_json(paths.blessing, blessing.to_dict())
     write_json(paths.metrics / "eval.json", _metrics_summary(candidate, results, blessing))
+    write_json(paths.evaluation_details, results)
     chosen = probabilities[candidate]
     predicted = chosen.argmax(axis=1)
     write_text_atomic(

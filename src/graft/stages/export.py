@@ -23,7 +23,8 @@ from graft.export import (
     publish,
 )
 from graft.features import load_feature_set
-from graft.files import read_json, write_json
+from graft.files import read_json, write_json, write_text_atomic
+from graft.model_card import model_card_markdown
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform, load_tensor_batch
 
@@ -75,6 +76,10 @@ def main(root: Path = Path(".")) -> Parity:
             f"(minimum {params.export.parity_min_top1_agreement}). Nothing was published."
         )
     publish(temporary, paths.onnx_model)
+    candidate_metrics = read_json(paths.evaluation_details)[blessing["candidate"]]
+    write_text_atomic(
+        paths.model_card, model_card_markdown(spec, metadata, candidate_metrics, parity)
+    )
     write_json(
         paths.metrics / "export.json", {"parity": parity.__dict__, "opset": params.export.opset}
     )

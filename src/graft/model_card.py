@@ -1,0 +1,77 @@
+"""The model card written beside the exported model: what it is, how good, and for what."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graft.classifier import ModelSpec
+from graft.export import Parity
+
+
+def model_card_markdown(
+    spec: ModelSpec,
+    metadata: dict[str, str],
+    metrics: dict[str, Any],
+    parity: Parity,
+) -> str:
+    """Markdown for ``models/model_card.md``; ``metrics`` are the candidate's test metrics."""
+    config = spec.data_config
+    low, high = metrics["accuracy_ci95"]
+    trained = (
+        "fine-tuned top blocks and head"
+        if metadata["candidate"] == "finetuned"
+        else "head only, backbone frozen"
+    )
+    lines = [
+        "# Model card: graft image classifier",
+        "",
+        "## Model",
+        "",
+        f"- Architecture: timm `{spec.backbone}` with a linear head ({trained}).",
+        f"- Pretrained weights: `{spec.weights}`, sha256 `{spec.weights_sha256 or 'none'}`.",
+        f"- Classes ({len(spec.labels)}): {', '.join(f'`{label}`' for label in spec.labels)}.",
+        f"- Data version (data.dvc md5): `{metadata['data_version']}`; "
+        f"git revision `{metadata['git_revision']}`.",
+        "- Input: `image`, float32 NCHW, "
+        f"{config['input_size'][0]}x{config['input_size'][1]}x{config['input_size'][2]}, "
+        "any batch size; output: `logits`, one per class.",
+        f"- Preprocessing (timm data config, also in the ONNX metadata): resize "
+        f"({config['interpolation']}, crop_pct {config['crop_pct']}, {config['crop_mode']} crop), "
+        f"scale to [0, 1], normalise with mean {config['mean']} and std {config['std']}.",
+        "",
+        f"## Test metrics ({metrics['n']} images)",
+        "",
+        "| accuracy | 95% interval | balanced accuracy | macro-F1 | ECE |",
+        "|---|---|---|---|---|",
+        f"| {metrics['accuracy']:.4f} | {low:.4f}–{high:.4f} | "
+        f"{metrics['balanced_accuracy']:.4f} | {metrics['macro_f1']:.4f} | {metrics['ece']:.4f} |",
+        "",
+        "| class | precision | recall | f1 | test images |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row in metrics["per_class"].items():
+        lines.append(
+            f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
+            f"| {row['support']} |"
+        )
+    lines += [
+        "",
+        f"ONNX vs torch on the {parity.images} test images: top-1 agreement "
+        f"{parity.top1_agreement:.2%}, max |Δ logit| {parity.max_abs_logit_diff:.1e}.",
+        "",
+        "## Intended use",
+        "",
+        "Sorting images like the training images (the same kinds of subject, capture and "
+        "resolution) into the classes above. The model always answers with one of these classes: "
+        'it has no "none of these" output, so inputs from outside them need a check upstream.',
+        "",
+        "## Limitations",
+        "",
+        f"- Measured on {metrics['n']} test images of one data version: differences smaller than "
+        "the interval above are not evidence.",
+        "- Images unlike the training data (other cameras, resolutions, subjects or classes) can "
+        "get confident wrong answers; the ECE above is measured on in-distribution images only.",
+        "- The backbone was pretrained on ImageNet; its biases carry over to these features.",
+        "",
+    ]
+    return "\n".join(lines)
