@@ -43,6 +43,7 @@ test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 
 bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py
+	$(BIN)/python bench/extract.py
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src flows tests
