@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from graft.config import DataParams
+from graft.data.images import ImageRejected, decode_image
 from graft.data.layout import discover_images
 from graft.data.manifest import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
 from graft.data.splits import assign_split
@@ -78,12 +84,15 @@ def test_splits_are_deterministic_and_adding_an_image_moves_no_other(data_dir: P
     assert before.equals(build_manifest(data_dir, PARAMS))
     assert set(before["split"]) == {"train", "val", "test"}
 
-    extra = digit_images(per_class=9)[-1]  # the 9th image of class 9, not written yet
-    (data_dir / extra[0] / extra[1]).write_bytes(extra[2])
+    # Grow class 3 from 8 to 20 images: images 9-20 of class 3, not written yet.
+    extra = [image for image in digit_images(per_class=20) if image[0] == "3"][8:]
+    for label, name, png in extra:
+        (data_dir / label / name).write_bytes(png)
     after = build_manifest(data_dir, PARAMS).set_index("path")
 
-    assert len(after) == len(before) + 1
+    assert len(after) == len(before) + 12
     assert after.loc[before["path"], "split"].tolist() == before["split"].tolist()
+    assert set(after.loc[[f"3/{name}" for _, name, _ in extra], "split"]) > {"train"}
 
 
 def test_assign_split_depends_on_content_and_seed_only() -> None:
@@ -308,4 +317,230 @@ def test_the_stage_writes_its_outputs_and_never_touches_data(tmp_path: Path) -> 
     ]
     assert summary["params"]["seed"] == 3
     metrics = json.loads((tmp_path / "metrics" / "validation.json").read_text())
-    assert metrics == {"images": 81, "ok": 80, "quarantined": 1, "classes": 10}
+    assert metrics == {
+        "images": 81,
+        "ok": 80,
+        "quarantined": 1,
+        "bad": 1,
+        "duplicates": 0,
+        "classes": 10,
+        **summary["splits"],
+    }
+    assert sum(summary["splits"].values()) == 80
+    assert "drift_label_linf" not in metrics and summary["drift"]["baseline"] is False
+    docs = tmp_path / "reports" / "validation" / "data_docs" / "index.html"
+    assert "graft_manifest" in docs.read_text()
+
+
+# --- the one image loader: every mode to RGB, EXIF applied, limits checked before decoding ---
+
+
+def encoded(image: Image.Image, file_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, file_format, **options)
+    return buffer.getvalue()
+
+
+def test_the_loader_normalises_every_mode_to_rgb() -> None:
+    palette = Image.new("P", (10, 10), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    transparent = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    half_grey = Image.new("LA", (10, 10), (0, 128))
+    cmyk = Image.new("CMYK", (10, 10), (0, 255, 255, 0))  # pure red in print colours
+    sixteen_bit = Image.fromarray(np.full((10, 10), 65535 // 2 + 1, dtype=np.uint16))
+    cases = {
+        "palette": (encoded(palette, "PNG"), "P", (200, 30, 40)),
+        "transparent RGBA on white": (encoded(transparent, "PNG"), "RGBA", (255, 255, 255)),
+        "LA half-transparent black on white": (encoded(half_grey, "PNG"), "LA", (127, 127, 127)),
+        "CMYK JPEG": (encoded(cmyk, "JPEG", quality=100), "CMYK", (255, 0, 0)),
+        "16-bit grey rescaled": (encoded(sixteen_bit, "PNG"), "I;16", (128, 128, 128)),
+    }
+    for name, (content, mode, pixel) in cases.items():
+        decoded = decode_image(content)
+        assert decoded.mode == mode, name
+        assert decoded.image.mode == "RGB", name
+        assert decoded.image.getpixel((5, 5)) == pytest.approx(pixel, abs=2), name
+
+
+def test_the_loader_applies_the_exif_orientation() -> None:
+    wide = Image.new("RGB", (40, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+
+    upright = decode_image(encoded(wide, "JPEG", exif=exif)).image
+
+    assert upright.size == (10, 40)
+
+
+def test_the_pixel_cap_is_checked_before_decoding() -> None:
+    """A PNG header claiming 10,000 x 5,000 pixels over a few bytes: refused unread."""
+    png = bytearray(encoded(Image.new("L", (8, 8)), "PNG"))
+    header = b"IHDR" + struct.pack(">II", 10_000, 5_000) + bytes(png[24:29])
+    png[12:29] = header
+    png[29:33] = struct.pack(">I", zlib.crc32(header))
+
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(bytes(png), max_pixels=40_000_000)
+
+    assert rejected.value.reason == "too_many_pixels"
+    assert "10000x5000 exceeds max_pixels=40000000" in str(rejected.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("truncated.png", "half a png", "truncated"),
+        ("empty.png", b"", "empty"),
+        ("text.jpg", b"not a picture, just text\n", "not_an_image"),
+        ("tiny.png", "4x4 png", "too_small"),
+        ("huge.png", "64x64 png", "too_many_pixels"),
+        ("netpbm.png", "ppm bytes", "unsupported_format"),
+        ("phone photo.heic", b"\x00\x00\x00\x18ftypheic", "unsupported_format"),
+        ("ünïcödé name with spaces.png", "good png", ""),
+    ],
+)
+def test_each_bad_input_is_quarantined_with_its_reason(
+    data_dir: Path, name: str, content: bytes | str, reason: str
+) -> None:
+    good = (data_dir / "3" / "digit_0003.png").read_bytes()
+    made = {
+        "half a png": good[: len(good) // 2],
+        "4x4 png": encoded(Image.new("L", (4, 4)), "PNG"),
+        "64x64 png": encoded(Image.new("L", (64, 64), 9), "PNG"),
+        "ppm bytes": encoded(Image.new("RGB", (16, 16)), "PPM"),
+        "good png": encoded(Image.new("L", (16, 16), 77), "PNG"),
+    }
+    (data_dir / "5" / name).write_bytes(made.get(content, content))
+    params = DataParams(max_pixels=64 * 63)
+
+    result = validate(data_dir, params)
+
+    row = result.manifest.set_index("path").loc[f"5/{name}"]
+    assert (row["status"], row["reason"]) == ("quarantined" if reason else "ok", reason)
+    listed = {entry["path"]: entry["reason"] for entry in result.summary["quarantined_files"]}
+    assert listed == ({f"5/{name}": reason} if reason else {})
+
+
+def test_a_symlink_leaving_the_data_folder_is_quarantined_unread(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((data_dir / "0" / "digit_0000.png").read_bytes())
+    (data_dir / "2" / "link.png").symlink_to(secret)
+
+    row = validate(data_dir, PARAMS).manifest.set_index("path").loc["2/link.png"]
+
+    assert (row["reason"], row["sha256"]) == ("symlink_outside_data", "")
+
+
+# --- the Great Expectations suite holds the data-set rules ---
+
+
+def test_classes_out_of_balance_are_refused_by_the_suite(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_sample_data(data, per_class=30)
+    for extra in sorted((data / "4").iterdir())[6:]:
+        extra.unlink()
+
+    with pytest.raises(DataValidationError, match="classes out of balance") as error:
+        validate(data, DataParams(max_class_imbalance=3))
+
+    assert "max_class_imbalance = 3" in str(error.value)
+    assert "class '4' is 5 times smaller than the largest" in str(error.value)
+    assert "4/digit_0004.png" in str(error.value)
+    assert validate(data, DataParams(max_class_imbalance=5)).summary["expectations"]["success"]
+
+
+def test_a_class_folder_without_usable_images_is_refused(data_dir: Path) -> None:
+    (data_dir / "ghost").mkdir()
+    (data_dir / "ghost" / "broken.png").write_bytes(b"")
+
+    with pytest.raises(DataValidationError, match="every class folder has usable images") as err:
+        validate(data_dir, PARAMS)
+
+    assert "no usable images in class 'ghost'" in str(err.value)
+
+
+def test_the_bad_fraction_rule_is_an_expectation_with_an_exact_boundary(data_dir: Path) -> None:
+    for index in range(4):  # 4 bad of 84 files: 4.76%
+        (data_dir / "0" / f"broken_{index}.png").write_bytes(b"")
+    (data_dir / "0" / "copy.png").write_bytes((data_dir / "0" / "digit_0000.png").read_bytes())
+
+    passed = validate(data_dir, DataParams(max_bad_fraction=4 / 85)).summary
+    assert (passed["bad"], passed["duplicates"]) == (4, 1)  # duplicates do not count as bad
+    with pytest.raises(DataValidationError, match="too many bad files") as error:
+        validate(data_dir, DataParams(max_bad_fraction=3 / 85))
+    assert "4 of 85 rows fail" in str(error.value) and "0/broken_3.png" in str(error.value)
+
+
+def test_a_refusal_lists_at_most_20_files(data_dir: Path) -> None:
+    for index in range(30):
+        (data_dir / "1" / f"bad_{index:02d}.png").write_bytes(b"")
+
+    with pytest.raises(DataValidationError, match="too many bad files") as error:
+        validate(data_dir, PARAMS)
+
+    listed = [line for line in str(error.value).splitlines() if "1/bad_" in line]
+    assert len(listed) == 20 and listed[0].strip() == "1/bad_00.png"
+
+
+# --- drift against the previous validated data version ---
+
+
+def test_drift_without_a_baseline_is_reported_and_never_gated(data_dir: Path) -> None:
+    drift = validate(data_dir, DataParams(drift_gate=True)).summary["drift"]
+
+    assert drift == {
+        "baseline": False,
+        "note": "no baseline: this is the first validated data version",
+        "exceeded": [],
+        "gate": False,
+    }
+
+
+def test_drift_measures_labels_and_image_statistics(tmp_path: Path, data_dir: Path) -> None:
+    baseline = validate(data_dir, PARAMS).profile
+    same = validate(data_dir, PARAMS, baseline=baseline).summary["drift"]
+    assert same["label_linf"] == 0 and set(same["js"].values()) == {0.0}
+    assert same["exceeded"] == []
+
+    for index in range(40):  # class 0 grows with large bright images
+        picture = Image.new("L", (64 + index, 48), 230)
+        (data_dir / "0" / f"bright_{index}.png").write_bytes(encoded(picture, "PNG"))
+    drifted = validate(data_dir, PARAMS, baseline=baseline).summary["drift"]
+
+    # class 0: 8 of 80 images before, 48 of 120 after
+    assert drifted["label_linf"] == pytest.approx(48 / 120 - 8 / 80, abs=1e-6)
+    assert drifted["label_moved_most"] == "0"
+    assert all(0.3 < drifted["js"][name] <= 1 for name in ("width", "height", "brightness"))
+    assert any("data.drift_max_label_linf = 0.1" in line for line in drifted["exceeded"])
+    assert any("brightness" in line and "drift_max_js" in line for line in drifted["exceeded"])
+
+    with pytest.raises(DataValidationError, match="data drift") as error:
+        validate(data_dir, DataParams(drift_gate=True), baseline=baseline)
+    assert "drift_max_label_linf" in str(error.value) and "drift_gate" in str(error.value)
+    loose = DataParams(drift_gate=True, drift_max_label_linf=0.5, drift_max_js=1.0)
+    assert validate(data_dir, loose, baseline=baseline).summary["drift"]["exceeded"] == []
+
+
+def test_the_stage_keeps_the_last_validated_profile_as_the_drift_baseline(
+    tmp_path: Path,
+) -> None:
+    write_sample_data(tmp_path / "data", per_class=8)
+    (tmp_path / "params.yaml").write_text("data:\n  drift_gate: true\n")
+    validate_stage(tmp_path)
+    profile = tmp_path / "artifacts" / "data_profile.json"
+    first = profile.read_text()
+
+    for index in range(30):
+        picture = Image.new("L", (100 + index, 100), 250)
+        (tmp_path / "data" / "9" / f"new_{index}.png").write_bytes(encoded(picture, "PNG"))
+    with pytest.raises(DataValidationError, match="data drift"):
+        validate_stage(tmp_path)
+    assert profile.read_text() == first  # a refused version never becomes the baseline
+
+    (tmp_path / "params.yaml").write_text("data:\n  drift_gate: false\n")
+    validate_stage(tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "validation.json").read_text())
+    assert metrics["drift_label_linf"] > 0.1 and metrics["drift_js_brightness"] > 0.2
+    assert json.loads(profile.read_text())["images"] == 110

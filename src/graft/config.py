@@ -33,6 +33,16 @@ class DataParams(_Section):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     min_size: int = Field(8, ge=1, description="smallest accepted width or height, in pixels")
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused undecoded")
+    max_class_imbalance: float = Field(
+        10.0, ge=1.0, description="largest class / smallest class, in usable images"
+    )
+    drift_max_label_linf: float = Field(
+        0.1, ge=0.0, le=1.0, description="largest change of any class's share of the images"
+    )
+    drift_max_js: float = Field(
+        0.2, ge=0.0, le=1.0, description="Jensen-Shannon distance of width/height/brightness"
+    )
+    drift_gate: bool = Field(False, description="refuse data that drifts beyond the two above")
 
     @field_validator("test_fraction")
     @classmethod

@@ -1,7 +1,10 @@
 """Validate the raw image folder: decode every file, split, check the table, refuse bad data.
 
-:func:`validate` returns the manifest and a summary, or raises :class:`DataValidationError`
-naming the rule that failed, the data folder and what to do. It only reads ``data/``.
+:func:`validate` returns the manifest, a summary and the data's drift profile, or raises
+:class:`DataValidationError` naming the rule that failed, up to 20 offending files and what to
+do. It only reads ``data/``. The policy: a bad file is quarantined (soft, the run goes on); a
+rule of the data set failing (Great Expectations suite, empty split, drift with the gate on)
+stops the run (hard).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from graft.config import DataParams
+from graft.data.drift import compare_profiles, profile_manifest
 from graft.data.expectations import run_manifest_expectations
 from graft.data.layout import Layout, LayoutError, discover_images
 from graft.data.manifest import DUPLICATE, build_manifest
@@ -34,14 +38,24 @@ class ValidationResult:
 
     Attributes:
         manifest: one row per image file (see :mod:`graft.data.manifest`).
-        summary: JSON-serialisable counts, quarantined files, layout and expectation results.
+        summary: JSON-serialisable counts, quarantined files, layout, expectation results and
+            drift against the baseline.
+        profile: the drift profile of this data version (see :mod:`graft.data.drift`), the
+            baseline of the next validation.
     """
 
     manifest: pd.DataFrame
     summary: dict[str, Any]
+    profile: dict[str, Any]
 
 
-def validate(data_dir: Path, params: DataParams) -> ValidationResult:
+def validate(
+    data_dir: Path,
+    params: DataParams,
+    *,
+    baseline: dict[str, Any] | None = None,
+    data_docs_dir: Path | None = None,
+) -> ValidationResult:
     """Build the manifest of ``data_dir`` and refuse data that cannot be trained on.
 
     Bad files are quarantined and listed, not fatal, up to ``params.max_bad_fraction``.
@@ -49,26 +63,32 @@ def validate(data_dir: Path, params: DataParams) -> ValidationResult:
     Args:
         data_dir: the raw image folder (``<class>/<image>`` or ``{train,val,test}/<class>/...``).
         params: the ``data`` section of ``params.yaml``.
+        baseline: the profile of the previous validated data version, to measure drift
+            against; None when there is none (drift is then reported as "no baseline").
+        data_docs_dir: where to write Great Expectations' HTML Data Docs, if anywhere.
 
     Raises:
-        DataValidationError: no images, fewer than 2 classes, a class under
-            ``min_images_per_class`` or without training images, too many bad files, an empty
-            split, or a failed manifest expectation (e.g. the same image in two splits).
+        DataValidationError: no images, fewer than 2 classes, a failed manifest expectation
+            (too many bad files, a class under ``min_images_per_class`` or without training
+            images, classes out of balance, the same image in two splits, ...), an empty
+            split, or drift beyond the thresholds with ``drift_gate`` on.
     """
     data_dir = Path(data_dir)
     layout = _discover(data_dir)
     _refuse_no_images(data_dir, layout)
     manifest = build_manifest(data_dir, params, layout=layout)
-    _refuse_too_many_bad_files(data_dir, manifest, params)
     _refuse_too_few_classes(data_dir, layout)
-    _refuse_small_classes(data_dir, class_counts(manifest, layout.classes), params)
-    _refuse_empty_splits(data_dir, layout, manifest, params)
     expectations = run_manifest_expectations(
-        manifest, labels=layout.classes, min_size=params.min_size
+        manifest, labels=layout.classes, params=params, data_docs_dir=data_docs_dir
     )
-    _refuse_failed_expectations(data_dir, expectations)
+    _refuse_failed_expectations(data_dir, expectations, data_docs_dir)
+    _refuse_empty_splits(data_dir, layout, manifest, params)
+    profile = profile_manifest(manifest)
+    drift = compare_profiles(baseline, profile, params)
+    _refuse_drift(data_dir, drift)
     summary = summarise(data_dir, layout, manifest, params, expectations)
-    return ValidationResult(manifest=manifest, summary=summary)
+    summary["drift"] = drift
+    return ValidationResult(manifest=manifest, summary=summary, profile=profile)
 
 
 def summarise(
@@ -152,20 +172,6 @@ def _refuse_no_images(data_dir: Path, layout: Layout) -> None:
     )
 
 
-def _refuse_too_many_bad_files(data_dir: Path, manifest: pd.DataFrame, params: DataParams) -> None:
-    bad = manifest[(manifest["status"] != "ok") & (manifest["reason"] != DUPLICATE)]
-    fraction = len(bad) / len(manifest)
-    if fraction <= params.max_bad_fraction:
-        return
-    raise DataValidationError(
-        f"too many bad files: {len(bad)} of {len(manifest)} images in {data_dir}/ "
-        f"({fraction:.1%}) cannot be used, above data.max_bad_fraction = "
-        f"{params.max_bad_fraction}. Replace or remove them in {data_dir}/ (graft never edits "
-        "your data), or raise data.max_bad_fraction in params.yaml."
-        + _listing(f"{row.path} ({row.reason})" for row in bad.itertuples())
-    )
-
-
 def _refuse_too_few_classes(data_dir: Path, layout: Layout) -> None:
     if len(layout.classes) >= 2:
         return
@@ -175,28 +181,6 @@ def _refuse_too_few_classes(data_dir: Path, layout: Layout) -> None:
         f"({found}); a classifier needs at least 2. Put each class's images in its own folder, "
         f"{data_dir}/<class>/<image>."
     )
-
-
-def _refuse_small_classes(
-    data_dir: Path, counts_per_class: dict[str, dict[str, int]], params: DataParams
-) -> None:
-    problems = []
-    for label, counts in counts_per_class.items():
-        if counts["ok"] < params.min_images_per_class:
-            also = f" (and {counts['quarantined']} quarantined)" if counts["quarantined"] else ""
-            problems.append(
-                f"class {label!r} has {counts['ok']} usable images{also}, under the minimum of "
-                f"{params.min_images_per_class}"
-            )
-        elif counts["train"] == 0:
-            problems.append(f"class {label!r} has no images in the train split")
-    if problems:
-        raise DataValidationError(
-            f"class under the minimum in {data_dir}/: "
-            + "; ".join(problems)
-            + ". Add images to those class folders, remove the folders, or lower "
-            "data.min_images_per_class in params.yaml."
-        )
 
 
 def _refuse_empty_splits(
@@ -218,22 +202,40 @@ def _refuse_empty_splits(
     )
 
 
-def _refuse_failed_expectations(data_dir: Path, expectations: dict[str, Any]) -> None:
+def _refuse_failed_expectations(
+    data_dir: Path, expectations: dict[str, Any], data_docs_dir: Path | None
+) -> None:
     if expectations["success"]:
         return
     lines = []
+    fixes: list[str] = []
     for failure in expectations["failed"]:
         rule = failure["description"] or f"{failure['expectation']} on {failure['column']}"
         lines.append(f"- {rule}: {failure['details']}" + _listing(failure["files"], indent="    "))
-    leakage = any("leakage" in failure["description"] for failure in expectations["failed"])
-    fix = (
-        "Each image may be in one split only: remove the copies from all but one split folder."
-        if leakage
-        else "Fix the files listed in the data folder and rerun `graft validate`."
-    )
+        fix = (
+            failure["fix"] or "Fix the files listed in the data folder and rerun `graft validate`."
+        )
+        if fix not in fixes:
+            fixes.append(fix)
+    docs = f"\nSee {data_docs_dir / 'index.html'} for the full report." if data_docs_dir else ""
     raise DataValidationError(
         f"manifest expectations failed for {data_dir}/ ({len(lines)} of "
-        f"{expectations['evaluated']} failed):\n" + "\n".join(lines) + f"\n{fix}"
+        f"{expectations['evaluated']} failed):\n"
+        + "\n".join(lines)
+        + "\n"
+        + "\n".join(fixes)
+        + docs
+    )
+
+
+def _refuse_drift(data_dir: Path, drift: dict[str, Any]) -> None:
+    if not (drift["gate"] and drift["exceeded"]):
+        return
+    raise DataValidationError(
+        f"data drift in {data_dir}/ against the previous validated data version "
+        f"({drift['previous_images']} images): " + "; ".join(drift["exceeded"]) + ". If the "
+        "change is intended, validate once with data.drift_gate: false (this data then becomes "
+        "the baseline) or raise the thresholds in params.yaml."
     )
 
 

@@ -10,6 +10,16 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# The containers those extensions hold, as Pillow names its parsers (JPEG's also reads camera
+# multi-picture files, format MPO). Only these parsers ever run on a file's bytes; anything else
+# Pillow recognises is refused as ``unsupported_format``.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Image files graft recognises but cannot use: quarantined as ``unsupported_format``, so a
+# class folder of HEIC phone photos is reported rather than ignored.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".psd", ".ico", ".ppm", ".pgm"}
+    | {".pbm", ".tga", ".dds", ".eps", ".raw", ".dng", ".cr2", ".nef", ".arw", ".orf", ".exr"}
+)
 
 
 class ImageRejected(ValueError):
@@ -50,8 +60,9 @@ def decode_image(
         max_pixels: largest accepted width x height.
 
     Raises:
-        ImageRejected: with reason ``empty``, ``not_an_image``, ``too_many_pixels``,
-            ``truncated``, or ``too_small``.
+        ImageRejected: with reason ``empty``, ``not_an_image``, ``unsupported_format`` (an
+            image, but not one of ``SUPPORTED_FORMATS`` or in a pixel mode that has no RGB
+            form), ``too_many_pixels``, ``truncated``, or ``too_small``.
     """
     if isinstance(source, bytes):
         size, opened = len(source), io.BytesIO(source)
@@ -62,7 +73,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opened) as image:
+            with Image.open(opened, formats=SUPPORTED_FORMATS) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageRejected(
@@ -70,15 +81,19 @@ def decode_image(
                     )
                 file_format, file_mode = image.format or "", image.mode
                 image.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
+                oriented = ImageOps.exif_transpose(image)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
     except Image.UnidentifiedImageError:
-        raise ImageRejected("not_an_image", "Pillow cannot identify the format") from None
+        raise _unidentified(opened) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected("truncated", f"decode failed: {exc}") from None
+    try:
+        rgb = _to_rgb(oriented)
+    except (OSError, ValueError) as exc:
+        raise ImageRejected("unsupported_format", f"pixel mode {file_mode}: {exc}") from None
     if min(rgb.size) < min_size:
         raise ImageRejected(
             "too_small", f"{rgb.size[0]}x{rgb.size[1]} is under min_size={min_size}"
@@ -95,6 +110,20 @@ def load_image(path: str | Path, *, min_size: int = 1, max_pixels: int = 40_000_
     return decode_image(Path(path), min_size=min_size, max_pixels=max_pixels).image
 
 
+def _unidentified(opened: io.BytesIO | Path) -> ImageRejected:
+    """Tell a picture in a format graft does not take from bytes that are no picture at all."""
+    if isinstance(opened, io.BytesIO):
+        opened.seek(0)
+    try:
+        with Image.open(opened) as image:  # reads the header only, never the pixels
+            found = image.format or "unknown"
+    except Exception:  # any parser's complaint means the same: not an image
+        return ImageRejected("not_an_image", "Pillow cannot identify the format")
+    return ImageRejected(
+        "unsupported_format", f"{found} is not one of {', '.join(SUPPORTED_FORMATS)}"
+    )
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
@@ -104,5 +133,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        # 16-bit samples to 8-bit: 0..65535 onto 0..255 (values beyond 16 bits saturate).
         return image.point(lambda value: value / 256).convert("L").convert("RGB")
     return image.convert("RGB")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft.data.images import IMAGE_EXTENSIONS
+from graft.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 
 SPLIT_FOLDERS = ("train", "val", "test")
 LayoutKind = Literal["class_folders", "split_folders"]
@@ -35,7 +35,8 @@ class ImageFile:
         label: its class folder's name.
         split: the split folder it sits in, or None in the class-folder layout.
         problem: a quarantine reason known without opening it (``symlink_outside_data``,
-            ``broken_symlink``), or "".
+            ``broken_symlink``, ``unsupported_format`` for an image type graft cannot read,
+            e.g. ``.heic``), or "".
     """
 
     path: Path
@@ -99,11 +100,14 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     for path, problem in _walk(data_dir, roots):
         relative = path.relative_to(data_dir).as_posix()
         parts = relative.split("/")
+        suffix = path.suffix.lower()
         if len(parts) <= label_depth + 1:
             ignored.append(IgnoredFile(relative, problem or "outside_class_folder"))
-        elif path.suffix.lower() not in IMAGE_EXTENSIONS and not path.is_dir():
+        elif suffix not in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS and not path.is_dir():
             ignored.append(IgnoredFile(relative, "not_an_image_extension"))
         else:
+            if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+                problem = problem or "unsupported_format"
             split = parts[0] if kind == "split_folders" else None
             images.append(ImageFile(path, relative, parts[label_depth], split, problem))
     return Layout(

@@ -2,7 +2,8 @@
 
 Columns: ``path`` (relative to the data folder, ``/``-separated), ``label``, ``split``,
 ``sha256`` and ``bytes`` of the file, ``format``, ``mode``, ``width`` and ``height`` as decoded,
-``status`` (``ok`` or ``quarantined``) and ``reason`` (why it was quarantined, "" when ok).
+``brightness`` (mean grey level 0-255, for drift checks), ``status`` (``ok`` or ``quarantined``)
+and ``reason`` (why it was quarantined, "" when ok).
 Every image is fully decoded once here; a file that fails is kept as a quarantined row, so the
 run goes on and the report can list it. Nothing under the data folder is ever written.
 """
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+from PIL import ImageStat
 
 from graft.config import DataParams
 from graft.data.images import ImageRejected, decode_image
@@ -36,10 +38,12 @@ MANIFEST_COLUMNS = (
     "mode",
     "width",
     "height",
+    "brightness",
     "status",
     "reason",
 )
 INTEGER_COLUMNS = ("bytes", "width", "height")
+FLOAT_COLUMNS = ("brightness",)
 DUPLICATE = "duplicate"
 # Decoding holds whole images in memory, so a few threads are plenty (Pillow releases the GIL).
 _MAX_DECODE_THREADS = 8
@@ -55,7 +59,7 @@ def build_manifest(
     """Decode every image under ``data_dir`` and describe it in one manifest row.
 
     A file that cannot be used is quarantined with its reason (``empty``, ``not_an_image``,
-    ``truncated``, ``too_small``, ``too_many_pixels``, ``unreadable``,
+    ``unsupported_format``, ``truncated``, ``too_small``, ``too_many_pixels``, ``unreadable``,
     ``symlink_outside_data``, ``broken_symlink``). A byte-identical copy of an earlier image
     with the same label in the same split is quarantined as ``duplicate``.
 
@@ -94,6 +98,7 @@ def _describe(image: ImageFile, params: DataParams) -> dict:
         "mode": "",
         "width": pd.NA,
         "height": pd.NA,
+        "brightness": pd.NA,
         "status": "quarantined",
         "reason": image.problem,
     }
@@ -115,6 +120,7 @@ def _describe(image: ImageFile, params: DataParams) -> dict:
         "mode": decoded.mode,
         "width": width,
         "height": height,
+        "brightness": round(ImageStat.Stat(decoded.image.convert("L")).mean[0], 2),
         "status": "ok",
     }
 
@@ -148,6 +154,8 @@ def _with_column_types(frame: pd.DataFrame) -> pd.DataFrame:
     for column in MANIFEST_COLUMNS:
         if column in INTEGER_COLUMNS:
             frame[column] = pd.to_numeric(frame[column].replace("", pd.NA)).astype("Int64")
+        elif column in FLOAT_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column].replace("", pd.NA)).astype("Float64")
         else:
             frame[column] = frame[column].astype(object)
     return frame
@@ -164,7 +172,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest written by :func:`write_manifest`.
 
     Every text column stays a string (a class named ``0`` or ``NA`` stays ``"0"`` or ``"NA"``);
-    ``bytes``, ``width`` and ``height`` are nullable integers.
+    ``bytes``, ``width`` and ``height`` are nullable integers, ``brightness`` a nullable float.
 
     Raises:
         ManifestError: if the file is missing or lacks manifest columns.

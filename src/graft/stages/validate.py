@@ -10,18 +10,26 @@ from rich.text import Text
 
 from graft.config import load_params
 from graft.data.manifest import write_manifest
-from graft.files import write_json
+from graft.files import read_json, write_json
 from graft.paths import ProjectPaths
 from graft.validate import MAX_LISTED_FILES, ValidationResult, validate
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "validation.json"
+DATA_DOCS_NAME = "data_docs"
+# The drift baseline: the profile of the last data version that passed validation. dvc.yaml
+# declares it `persist: true`, so DVC keeps it when it re-runs the stage (an ordinary out is
+# deleted first), and `dvc checkout`/`dvc pull` restore the one recorded in dvc.lock: after
+# `git checkout <rev>`, drift is measured against the data version validated at that revision.
+PROFILE_PATH = Path("artifacts") / "data_profile.json"
 
 
 def main(root: Path = Path(".")) -> ValidationResult:
     """Validate ``root/data`` with ``params.yaml``'s ``data`` section and write the outputs.
 
-    Writes ``artifacts/manifest.csv``, ``reports/validation/summary.json`` and
+    Writes ``artifacts/manifest.csv``, ``artifacts/data_profile.json`` (read first as the drift
+    baseline, replaced only when validation passes), ``reports/validation/summary.json``,
+    ``reports/validation/data_docs/`` (Great Expectations' HTML Data Docs) and
     ``metrics/validation.json``; never anything under ``data/``.
 
     Raises:
@@ -30,22 +38,38 @@ def main(root: Path = Path(".")) -> ValidationResult:
     """
     paths = ProjectPaths(Path(root))
     params = load_params(paths.params)
-    result = validate(paths.data, params.data)
+    profile_path = paths.root / PROFILE_PATH
+    baseline = read_json(profile_path) if profile_path.is_file() else None
+    result = validate(
+        paths.data,
+        params.data,
+        baseline=baseline,
+        data_docs_dir=paths.validation_reports / DATA_DOCS_NAME,
+    )
     write_manifest(result.manifest, paths.manifest)
     write_json(paths.validation_reports / SUMMARY_NAME, result.summary)
     write_json(paths.metrics / METRICS_NAME, validation_metrics(result.summary))
+    write_json(profile_path, result.profile)
     print_report(result.summary, paths)
     return result
 
 
-def validation_metrics(summary: dict) -> dict[str, int]:
-    """The counts DVC tracks as the stage's metric."""
-    return {
+def validation_metrics(summary: dict) -> dict[str, int | float]:
+    """The counts (and drift, when there is a baseline) DVC tracks as the stage's metric."""
+    metrics: dict[str, int | float] = {
         "images": summary["images"],
         "ok": summary["ok"],
         "quarantined": summary["quarantined"],
+        "bad": summary["bad"],
+        "duplicates": summary["duplicates"],
         "classes": len(summary["classes"]),
+        **summary["splits"],
     }
+    drift = summary["drift"]
+    if drift["baseline"]:
+        metrics["drift_label_linf"] = drift["label_linf"]
+        metrics.update({f"drift_js_{name}": value for name, value in drift["js"].items()})
+    return metrics
 
 
 def print_report(summary: dict, paths: ProjectPaths, console: Console | None = None) -> None:
@@ -57,6 +81,19 @@ def print_report(summary: dict, paths: ProjectPaths, console: Console | None = N
         f"({summary['layout']['kind']}); {summary['ok']} ok, "
         f"{summary['quarantined']} quarantined; usable per split: {splits}"
     )
+    drift = summary["drift"]
+    if not drift["baseline"]:
+        console.print(f"drift: {drift['note']}")
+    else:
+        js = ", ".join(f"{name} {value:.3f}" for name, value in drift["js"].items())
+        console.print(
+            f"drift vs the previous validated data ({drift['previous_images']} images): labels "
+            f"L-inf {drift['label_linf']:.3f}, Jensen-Shannon {js}"
+        )
+        for exceeded in drift["exceeded"]:
+            console.print(
+                Text(f"drift above threshold (reported; data.drift_gate is off): {exceeded}")
+            )
     ignored = summary["ignored_files"]["count"]
     if ignored:
         console.print(f"ignored {ignored} files that are not images in class folders")
