@@ -11,18 +11,30 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := False
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: help env run sample-data repro test test-fast bench lint format clean
+.PHONY: help env dvc-remote run sample-data repro test test-fast bench lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+# Where `dvc push` and `dvc pull` go when the project has no DVC remote yet: a folder outside
+# the checkout, shared by every clone on this machine. Set for this checkout only (in
+# .dvc/config.local, never committed); a remote in .dvc/config (S3, SSH: see the README) wins.
+DVC_REMOTE ?= $(HOME)/.local/share/graft/dvc-remote
+ADD_DVC_REMOTE = if [ -z "$$($(BIN)/dvc remote list)" ]; then \
+		$(BIN)/dvc remote add --local --default local "$(DVC_REMOTE)" && \
+		echo "DVC remote 'local' -> $(DVC_REMOTE) (.dvc/config.local)"; fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@$(ADD_DVC_REMOTE)
 	touch $@
 
-env: $(STAMP)  ## create .venv with graft and its dependencies
+env: $(STAMP) dvc-remote  ## create .venv with graft and its dependencies, and a DVC remote
+
+dvc-remote: $(STAMP)  ## use a local DVC remote (make dvc-remote DVC_REMOTE=DIR) unless one is set
+	@$(ADD_DVC_REMOTE)
 
 sample-data: $(STAMP)  ## write the embedded digits sample into data/ if data/ is empty
 	@if [ -z "$$(ls -A data 2>/dev/null)" ]; then \
@@ -44,6 +56,7 @@ test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/validate.py
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src flows tests
