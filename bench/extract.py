@@ -21,7 +21,7 @@ import torch
 
 from graft.backbones import create_backbone
 from graft.engines import make_runner, resolve_engine
-from graft.features import extract_features
+from graft.features import forward_in_batches
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.sample_data import write_sample_data
 
@@ -66,7 +66,7 @@ def main() -> None:
             lambda: [runner(c) for c in decoded.split(64)], len(paths), args.repeats
         )
         end_to_end = best_rate(
-            lambda: extract_features(model, paths, transform, input_size, 64, "auto", "bench"),
+            lambda: forward_in_batches(runner, paths, transform, 64, "bench"),
             len(paths),
             args.repeats,
         )

@@ -11,7 +11,8 @@ from graft.backbones import create_backbone
 from graft.classifier import ModelSpec
 from graft.config import load_params
 from graft.data.manifest import read_manifest
-from graft.features import FeatureSet, extract_features, save_feature_set
+from graft.engines import make_runner
+from graft.features import FeatureSet, forward_in_batches, save_feature_set
 from graft.files import read_json, write_json
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
@@ -28,17 +29,15 @@ def main(root: Path = Path(".")) -> ModelSpec:
     backbone = create_backbone(params.backbone.name, params.backbone.weights)
     transform = eval_transform(backbone.data_config)
     index_of = {label: i for i, label in enumerate(labels)}
+    batch_size = params.features.batch_size
+    runner = make_runner(
+        backbone.model, backbone.data_config["input_size"], batch_size, params.features.engine
+    )
     for split in SPLITS:
         rows = usable[usable["split"] == split]
         image_paths = [paths.data / p for p in rows["path"]]
-        features = extract_features(
-            backbone.model,
-            image_paths,
-            transform,
-            backbone.data_config["input_size"],
-            params.features.batch_size,
-            params.features.engine,
-            f"features {split}",
+        features = forward_in_batches(
+            runner, image_paths, transform, batch_size, f"features {split}"
         )
         if len(rows) == 0:
             features = np.zeros((0, backbone.num_features), dtype=np.float32)
