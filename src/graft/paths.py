@@ -30,6 +30,16 @@ class ProjectPaths:
         return self.root / "artifacts" / "manifest.csv"
 
     @property
+    def data_profile(self) -> Path:
+        """The drift baseline: the profile of the last data version that passed validation.
+
+        dvc.yaml declares it ``persist: true``, so DVC keeps it when it re-runs the stage (an
+        ordinary out is deleted first), and ``dvc checkout``/``dvc pull`` restore the one recorded
+        in dvc.lock: after ``git checkout REV``, drift is measured against that revision's data.
+        """
+        return self.root / "artifacts" / "data_profile.json"
+
+    @property
     def features(self) -> Path:
         return self.root / "artifacts" / "features"
 

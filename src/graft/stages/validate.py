@@ -17,11 +17,6 @@ from graft.validate import MAX_LISTED_FILES, ValidationResult, validate
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "validation.json"
 DATA_DOCS_NAME = "data_docs"
-# The drift baseline: the profile of the last data version that passed validation. dvc.yaml
-# declares it `persist: true`, so DVC keeps it when it re-runs the stage (an ordinary out is
-# deleted first), and `dvc checkout`/`dvc pull` restore the one recorded in dvc.lock: after
-# `git checkout <rev>`, drift is measured against the data version validated at that revision.
-PROFILE_PATH = Path("artifacts") / "data_profile.json"
 
 
 def main(root: Path = Path(".")) -> ValidationResult:
@@ -38,7 +33,7 @@ def main(root: Path = Path(".")) -> ValidationResult:
     """
     paths = ProjectPaths(Path(root))
     params = load_params(paths.params)
-    profile_path = paths.root / PROFILE_PATH
+    profile_path = paths.data_profile
     baseline = read_json(profile_path) if profile_path.is_file() else None
     result = validate(
         paths.data,
