@@ -10,7 +10,7 @@ import torch
 
 from graft.backbones import create_backbone
 from graft.engines import OnnxRunner, TorchRunner, make_runner, resolve_engine
-from graft.features import extract_features
+from graft.features import forward_in_batches
 from graft.finetune import split_trunk
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.sample_data import write_sample_data
@@ -23,6 +23,12 @@ def digit_paths(tmp_path_factory) -> list[Path]:
     return sorted(data.rglob("*.png"))
 
 
+def embed(backbone, paths, engine: str):
+    size = backbone.data_config["input_size"]
+    runner = make_runner(backbone.model, size, 8, engine)
+    return forward_in_batches(runner, paths, eval_transform(backbone.data_config), 8, engine)
+
+
 def test_auto_means_onnxruntime_on_cpu_and_torch_on_cuda():
     expected = "torch" if torch.cuda.is_available() else "onnxruntime"
     assert resolve_engine("auto") == expected
@@ -31,11 +37,8 @@ def test_auto_means_onnxruntime_on_cpu_and_torch_on_cuda():
 
 def test_engines_agree_on_embeddings_of_real_images(digit_paths):
     backbone = create_backbone("test_efficientnet", "random")
-    transform = eval_transform(backbone.data_config)
-    size = backbone.data_config["input_size"]
     by_engine = {
-        engine: extract_features(backbone.model, digit_paths, transform, size, 8, engine)
-        for engine in ("torch", "onnxruntime")
+        engine: embed(backbone, digit_paths, engine) for engine in ("torch", "onnxruntime")
     }
     assert by_engine["torch"].shape == (len(digit_paths), backbone.num_features)
     np.testing.assert_allclose(by_engine["onnxruntime"], by_engine["torch"], atol=1e-4)
@@ -62,9 +65,7 @@ def test_a_runner_accepts_a_last_batch_smaller_than_it_was_warmed_for(digit_path
 @pytest.mark.slow
 def test_engines_agree_on_the_real_pretrained_backbone(digit_paths):
     backbone = create_backbone("tf_efficientnet_lite0", "packaged")
-    transform = eval_transform(backbone.data_config)
-    size = backbone.data_config["input_size"]
-    paths = digit_paths[:8]
-    torch_features = extract_features(backbone.model, paths, transform, size, 8, "torch")
-    onnx_features = extract_features(backbone.model, paths, transform, size, 8, "onnxruntime")
+    torch_features = embed(backbone, digit_paths[:8], "torch")
+    onnx_features = embed(backbone, digit_paths[:8], "onnxruntime")
+    assert torch_features.shape == (8, 1280)
     np.testing.assert_allclose(onnx_features, torch_features, atol=1e-4)

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from graft.engines import Engine, Runner, make_runner
+from graft.engines import Runner
 from graft.errors import MissingInputError
 from graft.preprocessing import load_tensor_batch
 from graft.progress import progress
@@ -57,20 +56,6 @@ def forward_in_batches(
             outputs.append(runner(batch))
             bar.update(len(chunk))
     return np.concatenate(outputs).astype(np.float32, copy=False)
-
-
-def extract_features(
-    trunk: nn.Module,
-    paths: Sequence[Path],
-    transform: Callable[[Image.Image], torch.Tensor],
-    input_size: list[int],
-    batch_size: int,
-    engine: Engine = "auto",
-    description: str = "features",
-) -> np.ndarray:
-    """Embed ``paths`` with the frozen ``trunk`` (a timm model created with ``num_classes=0``)."""
-    runner = make_runner(trunk, input_size, batch_size, engine)
-    return forward_in_batches(runner, paths, transform, batch_size, description)
 
 
 def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
