@@ -7,7 +7,6 @@ A checkpoint holds tensors and plain values only, so it loads with ``weights_onl
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from torch import nn
 
 from graft.backbones import WeightsError, create_backbone
 from graft.errors import GraftError, MissingInputError
+from graft.files import replacing
 
 CHECKPOINT_FORMAT = "graft.classifier/1"
 Kind = Literal["head", "full"]
@@ -48,8 +48,6 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write ``path`` through a temporary file so a good model is never half-replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "spec": asdict(checkpoint.spec),
@@ -57,8 +55,8 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "state_dict": checkpoint.state_dict,
         "info": checkpoint.info,
     }
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

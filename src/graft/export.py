@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,35 +28,32 @@ def export_onnx(
     metadata: dict[str, str],
     dest: Path,
     opset: int,
-) -> Path:
-    """Export ``model`` with a dynamic batch axis to a temporary file beside ``dest``.
+) -> None:
+    """Export ``model`` to ``dest`` with a dynamic batch axis, metadata, and ``onnx.checker``.
 
-    The caller renames the returned file onto ``dest`` once it has passed its checks, so a
-    failed export never replaces a good model. Metadata holds no timestamps: the same model
-    and inputs give the same bytes.
+    Write to a temporary path (``graft.files.replacing``) and put it in place only once it has
+    passed its checks. Metadata holds no timestamps: the same model and inputs give the same
+    bytes.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = dest.with_name(f".{dest.name}.tmp")
     model = model.eval().to(memory_format=torch.contiguous_format)
     dummy = torch.zeros(1, *input_size)
     torch.onnx.export(
         model,
         (dummy,),
-        str(temporary),
+        str(dest),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         opset_version=opset,
         dynamo=False,
     )
-    proto = onnx.load(str(temporary))
+    proto = onnx.load(str(dest))
     del proto.metadata_props[:]
     for key, value in sorted(metadata.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(temporary))
-    return temporary
+    onnx.save(proto, str(dest))
 
 
 def read_metadata(onnx_path: Path) -> dict[str, Any]:
@@ -103,8 +99,3 @@ def check_parity(torch_logits: np.ndarray, onnx_logits_: np.ndarray) -> Parity:
         max_abs_logit_diff=float(np.abs(torch_logits - onnx_logits_).max()),
         top1_agreement=float((torch_logits.argmax(1) == onnx_logits_.argmax(1)).mean()),
     )
-
-
-def publish(temporary: Path, dest: Path) -> None:
-    """Atomically put a checked export in place."""
-    os.replace(temporary, dest)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from PIL import Image
 
 from graft.engines import Runner
 from graft.errors import MissingInputError
+from graft.files import replacing
 from graft.preprocessing import load_tensor_batch
 from graft.progress import progress
 
@@ -60,9 +60,7 @@ def forward_in_batches(
 
 def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
     """Write ``path`` (.npz) via a temporary file, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
+    with replacing(path) as temporary, open(temporary, "wb") as handle:
         np.savez(
             handle,
             features=feature_set.features,
@@ -70,7 +68,6 @@ def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
             paths=feature_set.paths.astype(str),
             sha256=feature_set.sha256.astype(str),
         )
-    os.replace(temporary, path)
 
 
 def load_feature_set(path: Path) -> FeatureSet:

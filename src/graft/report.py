@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from graft.evaluate import Blessing
-from graft.files import read_json
+from graft.files import read_json, replacing
 from graft.paths import ProjectPaths
 
 
@@ -39,12 +38,10 @@ def _pyplot():
 
 def _save_figure(figure, dest: Path) -> None:
     """Write a figure through a temporary file; no software tag, so reruns give the same bytes."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = dest.with_name(f".{dest.name}.tmp.png")
     figure.tight_layout()
-    figure.savefig(temporary, dpi=100, metadata={"Software": None})
+    with replacing(dest) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
     _pyplot().close(figure)
-    os.replace(temporary, dest)
 
 
 def save_confusion_plot(matrix: list[list[int]], labels: list[str], dest: Path) -> None:

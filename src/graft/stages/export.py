@@ -20,10 +20,9 @@ from graft.export import (
     export_onnx,
     onnx_logits,
     onnx_session,
-    publish,
 )
 from graft.features import load_feature_set
-from graft.files import read_json, write_json, write_text_atomic
+from graft.files import read_json, replacing, write_json, write_text_atomic
 from graft.model_card import model_card_markdown
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform, load_tensor_batch
@@ -58,24 +57,23 @@ def main(root: Path = Path(".")) -> Parity:
             sort_keys=True,
         ),
     }
-    temporary = export_onnx(
-        model, spec.data_config["input_size"], metadata, paths.onnx_model, params.export.opset
-    )
     test = load_feature_set(paths.features / "test.npz")
-    parity = _parity_on_images(
-        model, temporary, [paths.data / p for p in test.paths], eval_transform(spec.data_config)
-    )
-    if not parity.within(
-        params.export.parity_max_abs_logit, params.export.parity_min_top1_agreement
-    ):
-        temporary.unlink(missing_ok=True)
-        raise ExportRefused(
-            f"ONNX parity failed on {parity.images} test images: max |Δ logit| "
-            f"{parity.max_abs_logit_diff:.2e} (limit {params.export.parity_max_abs_logit:.0e}), "
-            f"top-1 agreement {parity.top1_agreement:.4f} "
-            f"(minimum {params.export.parity_min_top1_agreement}). Nothing was published."
+    with replacing(paths.onnx_model) as candidate:  # a refusal below leaves the old model
+        input_size = spec.data_config["input_size"]
+        export_onnx(model, input_size, metadata, candidate, params.export.opset)
+        parity = _parity_on_images(
+            model, candidate, [paths.data / p for p in test.paths], eval_transform(spec.data_config)
         )
-    publish(temporary, paths.onnx_model)
+        if not parity.within(
+            params.export.parity_max_abs_logit, params.export.parity_min_top1_agreement
+        ):
+            raise ExportRefused(
+                f"ONNX parity failed on {parity.images} test images: max |Δ logit| "
+                f"{parity.max_abs_logit_diff:.2e} "
+                f"(limit {params.export.parity_max_abs_logit:.0e}), top-1 agreement "
+                f"{parity.top1_agreement:.4f} (minimum "
+                f"{params.export.parity_min_top1_agreement}). Nothing was published."
+            )
     candidate_metrics = read_json(paths.evaluation_details)[blessing["candidate"]]
     write_text_atomic(
         paths.model_card, model_card_markdown(spec, metadata, candidate_metrics, parity)
