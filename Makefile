@@ -27,7 +27,7 @@ ADD_DVC_REMOTE = if [ -z "$$($(BIN)/dvc remote list)" ]; then \
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
 	@$(ADD_DVC_REMOTE)
 	touch $@
 
