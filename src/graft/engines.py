@@ -2,8 +2,9 @@
 
 On CPU, onnxruntime runs tf_efficientnet_lite0 several times faster than torch eager (7.7x
 measured here at batch 64, 2 threads), so ``auto`` picks it there and torch on CUDA. The module
-is exported to ONNX for the run (well under a second with the TorchScript exporter) and the
-session is warmed at the batch size it will run, since its first run at a new size is slow.
+is exported to ONNX (well under a second with the TorchScript exporter), either for the run or
+once into a cache file that later runs load, and the session is warmed at the batch size it will
+run, since its first run at a new size is slow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from graft.files import replacing
+
 Engine = Literal["auto", "torch", "onnxruntime"]
 Runner = Callable[[torch.Tensor], np.ndarray]
 
@@ -31,12 +34,46 @@ def resolve_engine(engine: Engine) -> Literal["torch", "onnxruntime"]:
 
 
 def make_runner(
-    module: nn.Module, input_size: list[int] | tuple[int, ...], batch_size: int, engine: Engine
+    module: nn.Module,
+    input_size: list[int] | tuple[int, ...],
+    batch_size: int,
+    engine: Engine,
+    *,
+    onnx_path: Path | None = None,
+    threads: int | None = None,
 ) -> Runner:
-    """A callable mapping an NCHW float batch to the module's output as a float32 array."""
+    """A callable mapping an NCHW float batch to the module's output as a float32 array.
+
+    Args:
+        module: the frozen module to run.
+        input_size: one image's (C, H, W).
+        batch_size: the batch size the runner will mostly see (the session is warmed at it).
+        engine: ``auto``, ``torch`` or ``onnxruntime``.
+        onnx_path: onnxruntime only: where the exported module is cached. An existing file is
+            loaded as it is (its name must identify the module, see graft.feature_cache); a
+            missing one is written. None exports to a temporary file for this run.
+        threads: onnxruntime only: intra-op threads (None: one per physical core).
+    """
     if resolve_engine(engine) == "torch":
         return TorchRunner(module)
-    return OnnxRunner(module, tuple(input_size), batch_size)
+    return OnnxRunner(module, tuple(input_size), batch_size, onnx_path=onnx_path, threads=threads)
+
+
+def export_onnx(module: nn.Module, input_size: tuple[int, ...], path: Path) -> Path:
+    """Export ``module`` with a dynamic batch axis to ``path`` (temporary file, then renamed)."""
+    module = module.eval().to("cpu", memory_format=torch.contiguous_format)
+    with replacing(path) as temporary:
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, *input_size),),
+            str(temporary),
+            input_names=[_INPUT],
+            output_names=[_OUTPUT],
+            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
 
 
 class TorchRunner:
@@ -53,25 +90,49 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """The module exported to a temporary ONNX file and run by an onnxruntime CPU session."""
+    """The module as ONNX, run by a warmed onnxruntime CPU session.
 
-    def __init__(self, module: nn.Module, input_size: tuple[int, ...], batch_size: int) -> None:
-        module = module.eval().to("cpu", memory_format=torch.contiguous_format)
-        with tempfile.TemporaryDirectory(prefix="graft-engine-") as folder:
-            path = Path(folder) / "module.onnx"
-            torch.onnx.export(
-                module,
-                (torch.zeros(1, *input_size),),
-                str(path),
-                input_names=[_INPUT],
-                output_names=[_OUTPUT],
-                dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.session.run([_OUTPUT], {_INPUT: np.zeros((batch_size, *input_size), np.float32)})
+    Args:
+        module: the module to export; may be None when ``onnx_path`` already exists.
+        input_size: one image's (C, H, W).
+        batch_size: the session is warmed at this batch size.
+        onnx_path: a cached export to load, or to write when missing; None: a temporary export.
+        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+    """
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        array = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
-        return self.session.run([_OUTPUT], {_INPUT: array})[0]
+    def __init__(
+        self,
+        module: nn.Module | None,
+        input_size: tuple[int, ...],
+        batch_size: int,
+        *,
+        onnx_path: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if onnx_path is not None:
+            if not onnx_path.is_file():
+                if module is None:
+                    raise FileNotFoundError(onnx_path)
+                export_onnx(module, input_size, onnx_path)
+            self.session = _session(onnx_path, options)
+        else:
+            if module is None:
+                raise ValueError("OnnxRunner needs a module or an existing onnx_path")
+            with tempfile.TemporaryDirectory(prefix="graft-engine-") as folder:
+                path = export_onnx(module, input_size, Path(folder) / "module.onnx")
+                self.session = _session(path, options)
+        self.input_name = self.session.get_inputs()[0].name
+        self.session.run(None, {self.input_name: np.zeros((batch_size, *input_size), np.float32)})
+
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.numpy()
+        array = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self.input_name: array})[0]
+
+
+def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from graft.engines import Runner
 from graft.errors import MissingInputError
 from graft.files import replacing
-from graft.preprocessing import load_tensor_batch
+from graft.preprocessing import ImageSource, load_tensor_batch
 from graft.progress import progress
 
 
@@ -31,30 +32,66 @@ class FeatureSet:
         return len(self.labels)
 
 
+def iter_batch_outputs(
+    runner: Runner,
+    sources: Sequence[ImageSource],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    prefetch: int = 2,
+) -> Iterator[np.ndarray]:
+    """Yield ``runner``'s output for each batch of ``sources``, in order.
+
+    A decoding thread keeps up to ``prefetch`` batches decoded ahead of the one running (Pillow
+    and the engines release the GIL), so decoding overlaps inference.
+    """
+    chunks = [sources[start : start + batch_size] for start in range(0, len(sources), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as decoder:
+        pending = deque(
+            decoder.submit(load_tensor_batch, chunk, transform) for chunk in chunks[:prefetch]
+        )
+        for index in range(len(chunks)):
+            batch = pending.popleft().result()
+            if index + prefetch < len(chunks):
+                pending.append(
+                    decoder.submit(load_tensor_batch, chunks[index + prefetch], transform)
+                )
+            yield runner(batch)
+
+
 def forward_in_batches(
     runner: Runner,
-    paths: Sequence[Path],
+    paths: Sequence[ImageSource],
     transform: Callable[[Image.Image], torch.Tensor],
     batch_size: int,
     description: str,
+    *,
+    show_progress: bool = True,
 ) -> np.ndarray:
-    """Run ``runner`` over the images in batches, decoding the next batch while one runs.
+    """Run ``runner`` over the images in batches, decoding the next batches while one runs.
+
+    Args:
+        runner: an engine from :func:`graft.engines.make_runner`.
+        paths: image files, or their bytes.
+        transform: image to CHW tensor.
+        batch_size: images per runner call.
+        description: the progress bar's label (the bar shows images/s).
+        show_progress: False for no bar (e.g. on a Dask worker).
 
     Returns:
         The stacked outputs as float32, one row per path.
     """
-    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    if not chunks:
+    if not paths:
         return np.zeros((0, 0), dtype=np.float32)
     outputs = []
-    with ThreadPoolExecutor(max_workers=1) as decoder, progress(len(paths), description) as bar:
-        pending = decoder.submit(load_tensor_batch, chunks[0], transform)
-        for index, chunk in enumerate(chunks):
-            batch = pending.result()
-            if index + 1 < len(chunks):
-                pending = decoder.submit(load_tensor_batch, chunks[index + 1], transform)
-            outputs.append(runner(batch))
-            bar.update(len(chunk))
+    bar = progress(len(paths), description) if show_progress else None
+    try:
+        for output in iter_batch_outputs(runner, paths, transform, batch_size):
+            outputs.append(output)
+            if bar is not None:
+                bar.update(len(output))
+    finally:
+        if bar is not None:
+            bar.close()
     return np.concatenate(outputs).astype(np.float32, copy=False)
 
 

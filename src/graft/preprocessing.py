@@ -10,7 +10,14 @@ import timm.data
 import torch
 from PIL import Image
 
-from graft.data.images import load_image
+from graft.data.images import ImageRejected, decode_image
+from graft.errors import GraftError
+
+ImageSource = Path | bytes  # a file, or its bytes (shipped to a remote worker)
+
+
+class UnreadableImageError(GraftError):
+    """An image the manifest lists as usable does not decode any more."""
 
 
 def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
@@ -22,8 +29,27 @@ def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch
     return timm.data.create_transform(**config, is_training=False)
 
 
+def load_rgb(source: ImageSource) -> Image.Image:
+    """Fully decode an image file, or its bytes, with the shared loader (RGB, EXIF-oriented)."""
+    return decode_image(source if isinstance(source, bytes) else Path(source)).image
+
+
 def load_tensor_batch(
-    paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]
+    paths: Sequence[ImageSource], transform: Callable[[Image.Image], torch.Tensor]
 ) -> torch.Tensor:
-    """Decode ``paths`` with the shared loader and stack them into one NCHW batch."""
-    return torch.stack([transform(load_image(path)) for path in paths])
+    """Decode ``paths`` (files or their bytes) and stack them into one NCHW batch.
+
+    Raises:
+        UnreadableImageError: naming the file, if one no longer decodes.
+    """
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(load_rgb(path)))
+        except ImageRejected as exc:
+            name = "an image shipped as bytes" if isinstance(path, bytes) else str(path)
+            raise UnreadableImageError(
+                f"{name} no longer decodes ({exc}) although the manifest lists it as ok: "
+                "the data changed after validation; re-run `graft validate` (or `dvc repro`)."
+            ) from exc
+    return torch.stack(tensors)

@@ -1,23 +1,23 @@
-"""Stage ``features``: embed every validated image with the frozen backbone, per split."""
+"""Stage ``features``: embed every validated image with the frozen backbone, per split.
+
+The embeddings come from the content-addressed cache (``features.cache_dir``, outside the DVC
+outputs), so a re-run computes only images it has not seen with this backbone, weights,
+preprocessing and precision; the split matrices under ``artifacts/features/`` are assembled
+from it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from graft.backbones import create_backbone
 from graft.classifier import ModelSpec
-from graft.config import load_params
+from graft.config import Params, load_params
 from graft.data.manifest import read_manifest
-from graft.engines import make_runner
-from graft.features import FeatureSet, forward_in_batches, save_feature_set
+from graft.embedding import SPLITS, Embedding, embed, int8_gate
+from graft.features import save_feature_set
 from graft.files import read_json, write_json
 from graft.paths import ProjectPaths
-from graft.preprocessing import eval_transform
-
-SPLITS = ("train", "val", "test")
 
 
 def main(root: Path = Path(".")) -> ModelSpec:
@@ -25,34 +25,63 @@ def main(root: Path = Path(".")) -> ModelSpec:
     params = load_params(paths.params)
     manifest = read_manifest(paths.manifest)
     usable = manifest[manifest["status"] == "ok"]
-    labels = sorted(usable["label"].unique())
-    backbone = create_backbone(params.backbone.name, params.backbone.weights)
-    transform = eval_transform(backbone.data_config)
-    index_of = {label: i for i, label in enumerate(labels)}
-    batch_size = params.features.batch_size
-    runner = make_runner(
-        backbone.model, backbone.data_config["input_size"], batch_size, params.features.engine
-    )
+    embedding, metrics = embed_for_training(usable, paths, params)
     for split in SPLITS:
-        rows = usable[usable["split"] == split]
-        image_paths = [paths.data / p for p in rows["path"]]
-        features = forward_in_batches(
-            runner, image_paths, transform, batch_size, f"features {split}"
-        )
-        if len(rows) == 0:
-            features = np.zeros((0, backbone.num_features), dtype=np.float32)
-        feature_set = FeatureSet(
-            features=features,
-            labels=rows["label"].map(index_of).to_numpy(dtype=np.int64),
-            paths=rows["path"].to_numpy(dtype=str),
-            sha256=rows["sha256"].to_numpy(dtype=str),
-        )
-        save_feature_set(feature_set, paths.features / f"{split}.npz")
+        save_feature_set(embedding.feature_sets[split], paths.features / f"{split}.npz")
+    backbone = embedding.backbone
     spec = ModelSpec(
-        backbone.name, backbone.weights, backbone.weights_sha256, backbone.data_config, labels
-    )
+        backbone.name, backbone.weights, backbone.weights_sha256, backbone.data_config,
+        embedding.labels,
+    )  # fmt: skip
     write_json(paths.features / "spec.json", asdict(spec))
+    write_json(paths.metrics / "features.json", metrics)
     return spec
+
+
+def embed_for_training(usable, paths: ProjectPaths, params: Params) -> tuple[Embedding, dict]:
+    """The features for train_head, at the precision the params ask for and the gate allows."""
+    cache_dir = paths.root / params.features.cache_dir
+    fp32 = embed(usable, paths.data, params.backbone, params.features, cache_dir, precision="fp32")
+    metrics = {"precision_requested": params.features.precision, **_counts("fp32", fp32)}
+    chosen = fp32
+    if params.features.precision == "int8":
+        int8 = embed(
+            usable, paths.data, fp32.backbone, params.features, cache_dir, precision="int8"
+        )
+        metrics.update(_counts("int8", int8))
+        decision = int8_gate(
+            fp32.feature_sets,
+            int8.feature_sets,
+            len(fp32.labels),
+            params.head,
+            params.features.int8_max_val_drop,
+        )
+        metrics["int8_gate"] = asdict(decision)
+        if decision.accepted:
+            chosen = int8
+            print(f"features: INT8 accepted ({decision.reason})")
+        else:
+            print(
+                f"features: INT8 refused ({decision.reason}); the fp32 features are used. "
+                "Raise features.int8_max_val_drop to accept it, or set precision: fp32."
+            )
+    metrics["precision"] = chosen.key.precision
+    report = chosen.report
+    print(
+        f"features: {report.images} images ({metrics['precision']}), {report.reused} from the "
+        f"cache, {report.computed} computed in {report.seconds:.1f} s"
+    )
+    return chosen, metrics
+
+
+def _counts(prefix: str, embedding: Embedding) -> dict:
+    report = embedding.report
+    return {
+        f"{prefix}_images": report.images,
+        f"{prefix}_reused": report.reused,
+        f"{prefix}_computed": report.computed,
+        f"{prefix}_seconds": round(report.seconds, 3),
+    }
 
 
 def load_spec(paths: ProjectPaths) -> ModelSpec:
