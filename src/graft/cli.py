@@ -86,3 +86,87 @@ def evaluate(root: Path = ROOT) -> None:
 def export(root: Path = ROOT) -> None:
     """Export the blessed candidate to ONNX and check parity with torch."""
     _run_stage("export", root)
+
+
+# Serving: graft.serving (onnxruntime, FastAPI) is imported inside the commands, so that
+# `graft --help` works without it and the CLI never imports torch on the way to a server.
+def _serving_failed(command: str, exc: GraftError) -> typer.Exit:
+    typer.secho(f"graft {command}: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(
+        ..., help="The exported model, e.g. models/production/model.onnx."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on; 0.0.0.0 for every interface."
+    ),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    max_body_bytes: int = typer.Option(
+        16 * 1024 * 1024, min=1, help="Largest request body; larger ones get 413."
+    ),
+    max_pixels: int = typer.Option(
+        40_000_000, min=1, help="Largest width x height of one image; larger ones get 413."
+    ),
+    max_batch: int = typer.Option(32, min=1, help="Most images in one request; more get 413."),
+    top_k: int = typer.Option(5, min=1, help="Labels per image unless a request asks ?top_k=."),
+    reload_interval: float = typer.Option(
+        2.0, min=0, help="Seconds between checks for a replaced model file; 0 never reloads."
+    ),
+    threads: int = typer.Option(0, min=0, help="onnxruntime threads per inference; 0: all cores."),
+) -> None:
+    """Serve MODEL over HTTP: POST /predict, GET /healthz, /readyz, /metadata."""
+    from graft.serving.app import run_server
+    from graft.serving.limits import Limits
+
+    limits = Limits(max_body_bytes, max_pixels, max_batch, top_k)
+    try:
+        run_server(model, host, port, limits, reload_interval, threads or None)
+    except GraftError as exc:
+        raise _serving_failed("serve", exc) from None
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="The exported model (.onnx)."),
+    paths: list[Path] = typer.Argument(..., help="Image files and folders (walked recursively)."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="FILE.csv or FILE.json; CSV on standard output if left out."
+    ),
+    top_k: int = typer.Option(5, min=1, help="Labels per image, most probable first."),
+    batch_size: int = typer.Option(32, min=1, help="Images per inference call."),
+    max_pixels: int = typer.Option(
+        40_000_000, min=1, help="Larger images are reported as too_many_pixels, not decoded."
+    ),
+) -> None:
+    """Classify images into a table; unusable files are rows with an error, not a failure."""
+    from collections import Counter
+
+    from graft.serving.model import load_model
+    from graft.serving.predict import collect_images, output_format, predict_files, render
+
+    try:
+        output_format(output)
+        files = collect_images(paths)
+        served = load_model(model)
+        k = min(top_k, len(served.labels))
+        rows = predict_files(served, files, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
+        text = render(rows, output_format(output), k)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            from graft.files import write_text_atomic
+
+            write_text_atomic(output, text)
+    except GraftError as exc:
+        raise _serving_failed("predict", exc) from None
+    errors = Counter(row.error.reason for row in rows if row.error is not None)
+    listed = ", ".join(f"{reason}: {count}" for reason, count in sorted(errors.items()))
+    typer.echo(
+        f"predict: {len(rows)} files, {len(rows) - sum(errors.values())} predicted, "
+        f"{sum(errors.values())} errors{f' ({listed})' if listed else ''}"
+        f"{f' -> {output}' if output else ''}",
+        err=True,
+    )

@@ -1,0 +1,344 @@
+"""An exported model ready to classify images: onnxruntime session, labels and preprocessing.
+
+Everything serving needs travels in the ONNX file's metadata (written by the export stage):
+``labels`` and ``preprocessing`` (timm's data config: ``input_size``, ``interpolation``,
+``crop_pct``, ``crop_mode``, ``mean``, ``std``). Preprocessing is re-implemented here with
+Pillow and NumPy so that serving needs no torch; a test in the training environment checks it
+against timm's own eval transform (:func:`graft.preprocessing.eval_transform`) on real images.
+Images are decoded by :func:`graft.data.images.decode_image`, the loader training uses, so a
+file serving accepts is a file training would have accepted, and the reverse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from graft.data.images import decode_image
+from graft.errors import GraftError
+from graft.serving.limits import DEFAULT_MAX_PIXELS
+
+# timm's names for Pillow's resampling filters (timm.data.transforms.str_to_interp_mode).
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+CROP_MODES = ("center", "squash")
+# What timm's eval transform assumes when the data config leaves them out.
+DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 0.875, "center"
+
+
+class ModelError(GraftError):
+    """A model file that cannot be served: missing, not ONNX, or not exported by graft."""
+
+
+class NonFiniteOutputError(GraftError):
+    """The model produced NaN or infinite logits: a broken model, never the request's fault."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """timm's evaluation transform in Pillow and NumPy: resize, centre crop, normalise.
+
+    Attributes:
+        input_size: ``(channels, height, width)`` of one model input.
+        interpolation: a timm name, one of ``INTERPOLATIONS``.
+        crop_pct: the crop's share of the resized image (the resize target is size / crop_pct).
+        crop_mode: ``center`` (keep the aspect ratio, crop the middle) or ``squash``.
+        mean, std: per-channel normalisation of pixel values scaled to [0, 1].
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str = "the model") -> Preprocessing:
+        """Read timm's data config (as the export stage writes it into the metadata).
+
+        Raises:
+            ModelError: naming the missing or unusable key.
+        """
+        missing = [
+            key for key in ("input_size", "interpolation", "mean", "std") if key not in config
+        ]
+        if missing:
+            raise ModelError(
+                f"{source}: its preprocessing metadata lacks {', '.join(missing)}; "
+                "re-export the model with `graft export`."
+            )
+        input_size = tuple(int(v) for v in config["input_size"])
+        interpolation = str(config["interpolation"])
+        crop_mode = str(config.get("crop_mode") or DEFAULT_CROP_MODE)
+        crop_pct = float(config.get("crop_pct") or DEFAULT_CROP_PCT)
+        mean, std = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+        problems = []
+        if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
+            problems.append(f"input_size {list(input_size)} is not [3, height, width]")
+        if interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation '{interpolation}' is not one of {list(INTERPOLATIONS)}")
+        if crop_mode not in CROP_MODES:
+            problems.append(f"crop_mode '{crop_mode}' is not one of {list(CROP_MODES)}")
+        if not 0 < crop_pct <= 1:
+            problems.append(f"crop_pct {crop_pct} is outside (0, 1]")
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            problems.append(f"mean {list(mean)} / std {list(std)} are not 3 values (std > 0)")
+        if problems:
+            raise ModelError(f"{source}: cannot serve its preprocessing: {'; '.join(problems)}.")
+        return cls(input_size, interpolation, crop_pct, crop_mode, mean, std)  # type: ignore[arg-type]
+
+    def as_config(self) -> dict[str, Any]:
+        """The same keys as timm's data config, JSON-ready."""
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """One RGB image as a normalised ``(3, height, width)`` float32 array."""
+        _, height, width = self.input_size
+        # timm: scale_size = floor(size / crop_pct), then torchvision's Resize and CenterCrop.
+        scale_h, scale_w = math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
+        resized = image.resize(self._resized_size(image.size, scale_h, scale_w), self._filter)
+        pixels = _center_crop(np.asarray(resized, dtype=np.uint8), height, width)
+        scaled = pixels.astype(np.float32) / np.float32(255)
+        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+    @property
+    def _filter(self) -> Image.Resampling:
+        return INTERPOLATIONS[self.interpolation]
+
+    def _resized_size(self, size: tuple[int, int], scale_h: int, scale_w: int) -> tuple[int, int]:
+        """The ``(width, height)`` torchvision's and timm's resize steps give ``size``."""
+        width, height = size
+        if self.crop_mode == "squash":
+            return scale_w, scale_h
+        if scale_h == scale_w:  # torchvision Resize(int): the shorter side, the other truncated
+            if width <= height:
+                return scale_w, int(scale_w * height / width)
+            return int(scale_h * width / height), scale_h
+        ratio = min(height / scale_h, width / scale_w)  # timm ResizeKeepRatio(longest=0)
+        return round(width / ratio), round(height / ratio)
+
+
+def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """torchvision's CenterCrop on an ``(H, W, C)`` array: the middle, rounding as it does."""
+    image_h, image_w = pixels.shape[:2]
+    top, left = int(round((image_h - height) / 2.0)), int(round((image_w - width) / 2.0))
+    return pixels[top : top + height, left : left + width]
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What ``stat`` says about a file; it changes when the file is replaced or rewritten."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> FileIdentity:
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k labels of one image, most probable first."""
+
+    top_k: tuple[tuple[str, float], ...]
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.top_k[0][1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [{"label": label, "probability": p} for label, p in self.top_k],
+        }
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model file. Immutable: a reload builds a new one and swaps the reference.
+
+    Attributes:
+        path: the file as given.
+        sha256: of the bytes the session was built from.
+        identity: the file's ``stat`` at the moment those bytes were read.
+        labels: class names, in the order of the model's outputs.
+        metadata: the ONNX metadata, JSON values decoded.
+    """
+
+    path: Path
+    sha256: str
+    identity: FileIdentity
+    session: ort.InferenceSession = field(repr=False)
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def version(self) -> str:
+        """A short content address: the first 12 hex digits of the file's sha256."""
+        return self.sha256[:12]
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.preprocessing(image)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw outputs for an ``(N, 3, H, W)`` float32 batch.
+
+        Raises:
+            NonFiniteOutputError: if any logit is NaN or infinite.
+        """
+        (out,) = self.session.run(None, {self.input_name: batch})
+        if not np.isfinite(out).all():
+            raise NonFiniteOutputError(
+                f"the model {self.path} (sha256 {self.version}) produced non-finite logits; "
+                "it is broken: re-export it or roll back to the previous model."
+            )
+        return out
+
+    def classify(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
+        """Top-``top_k`` labels with softmax probabilities for each image of ``batch``."""
+        probabilities = softmax(self.logits(batch))
+        k = max(1, min(top_k, len(self.labels)))
+        # A stable sort keeps ties in label order, so the answer never depends on chance.
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return [
+            Prediction(tuple((self.labels[i], float(row[i])) for i in indices))
+            for row, indices in zip(probabilities, order, strict=True)
+        ]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, stable for large logits."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def load_model(path: str | Path, *, threads: int | None = None) -> ServedModel:
+    """Load ``path`` with its labels and preprocessing, read from the file's own metadata.
+
+    The bytes are read once through one open file, so the sha256, the ``stat`` identity and the
+    session all describe the same file even if it is being replaced at that moment.
+
+    Args:
+        path: an ONNX model written by ``graft export``.
+        threads: onnxruntime's intra-op threads (its default, one per core, when None).
+
+    Raises:
+        ModelError: if the file is missing, not ONNX, or lacks graft's metadata.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            identity = FileIdentity.of(os.fstat(handle.fileno()))
+            data = handle.read()
+    except FileNotFoundError:
+        raise ModelError(
+            f"{path} not found: give the path of an exported model "
+            "(models/model.onnx after `make run`)."
+        ) from None
+    except IsADirectoryError:
+        raise ModelError(f"{path} is a folder: give the path of the .onnx file.") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initialisers are not the user's
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        raise ModelError(f"{path} is not a usable ONNX model: {exc}".strip()) from None
+    metadata = _decoded(session.get_modelmeta().custom_metadata_map)
+    labels = metadata.get("labels")
+    if not isinstance(labels, list) or not labels or "preprocessing" not in metadata:
+        raise ModelError(
+            f"{path} has no labels or preprocessing in its metadata: it was not exported by "
+            "graft. Export it with `graft export` (or `make run`)."
+        )
+    preprocessing = Preprocessing.from_config(metadata["preprocessing"], str(path))
+    _check_signature(session, preprocessing, len(labels), path)
+    return ServedModel(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        identity=identity,
+        session=session,
+        labels=tuple(str(label) for label in labels),
+        preprocessing=preprocessing,
+        metadata=metadata,
+    )
+
+
+def decode(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file or its bytes exactly as training does.
+
+    Raises:
+        graft.data.images.ImageRejected: with the same reasons training quarantines files for.
+    """
+    return decode_image(source, max_pixels=max_pixels).image
+
+
+def _decoded(metadata: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in sorted(metadata.items()):
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _check_signature(
+    session: ort.InferenceSession, preprocessing: Preprocessing, classes: int, path: Path
+) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(
+            f"{path} has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and 1."
+        )
+    expected = list(preprocessing.input_size)
+    static = [dim if isinstance(dim, int) else None for dim in inputs[0].shape[1:]]
+    if len(static) != 3 or any(
+        d is not None and d != e for d, e in zip(static, expected, strict=False)
+    ):
+        raise ModelError(
+            f"{path}: its input {inputs[0].shape} does not take the {expected} images its "
+            "preprocessing metadata describes."
+        )
+    width = outputs[0].shape[-1] if outputs[0].shape else None
+    if isinstance(width, int) and width != classes:
+        raise ModelError(f"{path}: it outputs {width} scores but lists {classes} labels.")
