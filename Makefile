@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := False
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: help env dvc-remote run sample-data repro test test-fast bench lint format clean
+.PHONY: help env dvc-remote run sample-data repro test test-serve test-fast bench lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,8 +47,23 @@ run: sample-data  ## run the Prefect training flow end to end (validate ... expo
 repro: sample-data  ## the same pipeline through plain `dvc repro`
 	$(BIN)/dvc repro
 
-test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+test: $(STAMP) test-serve  ## the whole test suite (slow end-to-end tests included) and test-serve
 	$(BIN)/python -m pytest
+
+# The serving side alone: a venv with graft's `serve` extra and the test runner, no torch (the
+# same install as the Dockerfile's serve stage). Its tests use the committed fixture models.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+$(SERVE_STAMP): pyproject.toml
+	rm -rf $(SERVE_VENV)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[serve]" pytest pytest-timeout httpx
+	touch $@
+
+test-serve: $(SERVE_STAMP)  ## server and predict tests in .venv-serve: the serve extra alone, no torch
+	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_predict.py
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 	$(BIN)/python -m pytest -m "not slow"
