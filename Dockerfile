@@ -1,9 +1,36 @@
-# The training image, set up exactly as `make run` and CI set up a fresh clone (`make env`).
-#   docker build -t graft .
+# Two images from one file:
+#   docker build --target serve -t graft-serve .           # slim serving image: no torch
+#   docker run --rm -p 8000:8000 -v "$PWD/models/production:/models:ro" graft-serve
+#   docker build -t graft .                                 # the training image (stage `train`)
 #   docker run --rm graft                                  # the embedded sample, end to end
 #   docker run --rm -v "$PWD/data:/project/data" graft     # your own images
-# (A slim serving image, without torch, comes with `graft serve`.)
-FROM python:3.11-slim
+
+# ---- serve: Python, onnxruntime, FastAPI, uvicorn, Pillow, NumPy; no torch. Installed as
+# `make test-serve` installs it in CI (the `serve` extra alone, in a fresh environment), so the
+# server tests prove this image needs nothing more.
+FROM python:3.11-slim AS serve
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN python -m pip install --upgrade pip \
+    && python -m pip install ".[serve]" \
+    && useradd --system --uid 10001 graft
+
+USER graft
+EXPOSE 8000
+# Mount the model folder at /models; replacing model.onnx there (by rename) reloads it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+CMD ["graft", "serve", "/models/model.onnx", "--host", "0.0.0.0"]
+
+# ---- train: set up exactly as `make run` and CI set up a fresh clone (`make env`). The last
+# stage, so a plain `docker build .` builds it.
+FROM python:3.11-slim AS train
 
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends git make \
