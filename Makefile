@@ -72,6 +72,7 @@ bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/validate.py
+	$(BIN)/python bench/serve.py
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src flows tests
