@@ -316,7 +316,8 @@ def _decoded(metadata: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in sorted(metadata.items()):
         try:
-            out[key] = json.loads(value)
+            # NaN/Infinity stay strings: a response must never carry a non-finite number.
+            out[key] = json.loads(value, parse_constant=str)
         except json.JSONDecodeError:
             out[key] = value
     return out
