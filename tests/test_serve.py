@@ -362,18 +362,18 @@ def test_replacing_the_model_file_under_load_switches_models_and_loses_no_reques
         for thread in clients:
             thread.start()
         try:
-            while len(answers) < 40:
+            while len(answers) + len(failures) < 40:
                 time.sleep(0.01)
             _replace_atomically(FIVE_MODEL, production)  # promotion
             switched = _wait_for_model(running.url, five_sha)
-            settled = len(answers)
-            while len(answers) < settled + 40:
+            settled = len(answers) + len(failures)
+            while len(answers) + len(failures) < settled + 40:
                 time.sleep(0.01)
             rollback_started = time.monotonic()
             _replace_atomically(DIGITS_MODEL, production)  # rollback
             rolled_back = _wait_for_model(running.url, digits_sha)
-            settled = len(answers)
-            while len(answers) < settled + 40:
+            settled = len(answers) + len(failures)
+            while len(answers) + len(failures) < settled + 40:
                 time.sleep(0.01)
         finally:
             stop.set()
