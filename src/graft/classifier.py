@@ -2,7 +2,9 @@
 
 A checkpoint holds tensors and plain values only, so it loads with ``weights_only=True``:
 ``kind`` is ``head`` (the head's weights, on top of the recorded pretrained backbone) or
-``full`` (every weight of the fine-tuned model).
+``full`` (every weight of the fine-tuned model). ``info["head"]`` describes the head's
+architecture (see ``graft.head.make_head``); without it the head is the timm model's own linear
+classifier.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from graft.backbones import WeightsError, create_backbone
 from graft.errors import GraftError, MissingInputError
 from graft.files import replacing
+from graft.head import make_head
 
 CHECKPOINT_FORMAT = "graft.classifier/1"
 Kind = Literal["head", "full"]
@@ -70,6 +73,29 @@ def load_checkpoint(path: Path) -> Checkpoint:
     )
 
 
+def head_architecture_of(checkpoint: Checkpoint) -> dict[str, Any]:
+    return dict(checkpoint.info.get("head", {"kind": "linear"}))
+
+
+def build_head(checkpoint: Checkpoint, in_features: int) -> nn.Module:
+    """The head of a ``head`` checkpoint alone, for scoring cached features, in eval mode."""
+    if checkpoint.kind != "head":
+        raise CheckpointError(f"build_head needs a head checkpoint, not {checkpoint.kind!r}.")
+    head = make_head(in_features, len(checkpoint.spec.labels), head_architecture_of(checkpoint))
+    head.load_state_dict(checkpoint.state_dict)
+    return head.eval()
+
+
+def attach_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """Put ``head`` in place of the timm model's classifier (named by its pretrained config)."""
+    *parents, name = model.pretrained_cfg.get("classifier", "classifier").split(".")
+    owner = model
+    for parent in parents:
+        owner = getattr(owner, parent)
+    setattr(owner, name, head)
+    return model
+
+
 def build_classifier(checkpoint: Checkpoint) -> nn.Module:
     """Rebuild the full timm classifier a checkpoint describes, in eval mode.
 
@@ -87,9 +113,14 @@ def build_classifier(checkpoint: Checkpoint) -> nn.Module:
                 "re-run the features and train_head stages."
             )
         model = backbone.model
-        model.get_classifier().load_state_dict(checkpoint.state_dict)
+        head = make_head(backbone.num_features, num_classes, head_architecture_of(checkpoint))
+        head.load_state_dict(checkpoint.state_dict)
+        attach_head(model, head)
     elif checkpoint.kind == "full":
         model = timm.create_model(spec.backbone, pretrained=False, num_classes=num_classes)
+        architecture = head_architecture_of(checkpoint)
+        if architecture["kind"] != "linear":
+            attach_head(model, make_head(model.num_features, num_classes, architecture))
         model.load_state_dict(checkpoint.state_dict)
     else:
         raise CheckpointError(f"Unknown checkpoint kind {checkpoint.kind!r}.")

@@ -107,8 +107,11 @@ class FeaturesParams(_Section):
 
 
 class HeadParams(_Section):
-    """Read by ``train_head``: the linear head on cached features."""
+    """Read by ``train_head``: the head (linear or a small MLP) on cached features."""
 
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1, description="hidden units of the MLP head")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the MLP's output")
     epochs: int = Field(300, ge=1)
     lr: float = Field(0.01, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -117,17 +120,87 @@ class HeadParams(_Section):
     seed: int = 0
 
 
+class AugmentParams(_Section):
+    """timm's training transform (``create_transform(is_training=True)``) for fine-tuning."""
+
+    enabled: bool = False
+    scale: tuple[float, float] = Field((0.7, 1.0), description="random-resized-crop area range")
+    ratio: tuple[float, float] = Field((0.85, 1.18), description="... and aspect-ratio range")
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="0 for digits, text, anything handed")
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.0, ge=0.0)
+    auto_augment: str | None = Field(None, description="timm policy, e.g. rand-m6-mstd0.5")
+    re_prob: float = Field(0.0, ge=0.0, le=1.0, description="random-erasing probability")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(bounds)}")
+        return bounds
+
+
 class FinetuneParams(_Section):
-    """Read by ``finetune``: LP-FT of the top of the backbone together with the trained head."""
+    """Read by ``finetune``: LP-FT of the top of the backbone together with the trained head.
+
+    The unfreeze schedule is ``unfreeze_blocks`` (top entries of the backbone's ``blocks``
+    trained in each phase, growing) with ``epochs`` (each phase's epochs); a single number is a
+    single phase, or the same number of epochs for every phase.
+    """
 
     enabled: bool = True
-    unfreeze_blocks: int = Field(1, ge=1, description="top blocks of the backbone to train")
-    epochs: int = Field(3, ge=0)
-    lr: float = Field(1e-4, gt=0.0)
-    head_lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-5, ge=0.0)
+    unfreeze_blocks: int | list[int] = 1
+    epochs: int | list[int] = 3
+    lr: float = Field(1e-3, gt=0.0, description="peak LR of the head; layer-wise decay below it")
+    layer_decay: float = Field(0.7, gt=0.0, le=1.0, description="LR factor per layer group down")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up of each phase")
+    weight_decay: float = Field(0.01, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1)
+    bn: Literal["frozen", "adapt", "auto"] = Field(
+        "frozen", description="BatchNorm statistics: frozen, adapt (unfrozen blocks), auto (val)"
+    )
+    augment: AugmentParams = AugmentParams()
+    patience: int = Field(3, ge=1, description="epochs without val improvement ending a phase")
+    max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")
+    amp: bool = Field(True, description="bf16 autocast and channels-last, on CUDA only")
     seed: int = 0
+
+    @field_validator("unfreeze_blocks")
+    @classmethod
+    def _growing_blocks(cls, blocks: int | list[int]) -> int | list[int]:
+        phases = [blocks] if isinstance(blocks, int) else blocks
+        if not phases or min(phases) < 1:
+            raise ValueError(f"each phase trains at least 1 block, got {blocks}")
+        if phases != sorted(phases):
+            raise ValueError(f"phases unfreeze more blocks as they go: {blocks} is not growing")
+        return blocks
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_per_phase(cls, epochs: int | list[int], info) -> int | list[int]:
+        counts = [epochs] if isinstance(epochs, int) else epochs
+        if not counts or min(counts) < 0:
+            raise ValueError(f"epochs must be 0 or more in every phase, got {epochs}")
+        blocks = info.data.get("unfreeze_blocks")
+        if isinstance(epochs, list) and isinstance(blocks, list) and len(epochs) != len(blocks):
+            raise ValueError(
+                f"{len(epochs)} phases of epochs for {len(blocks)} phases of unfreeze_blocks"
+            )
+        if isinstance(epochs, list) and isinstance(blocks, int) and len(epochs) != 1:
+            raise ValueError(f"{len(epochs)} phases of epochs for one phase of unfreeze_blocks")
+        return epochs
+
+    @property
+    def phases(self) -> list[tuple[int, int]]:
+        """The schedule as (top blocks trained, epochs) per phase."""
+        blocks = (
+            [self.unfreeze_blocks]
+            if isinstance(self.unfreeze_blocks, int)
+            else self.unfreeze_blocks
+        )
+        epochs = self.epochs if isinstance(self.epochs, list) else [self.epochs] * len(blocks)
+        return list(zip(blocks, epochs, strict=True))
 
 
 class EvaluateParams(_Section):

@@ -1,33 +1,56 @@
 """LP-FT: fine-tune the top of the backbone together with the head trained on its features.
 
-The lower blocks stay frozen with their BatchNorm statistics, and this stage applies no
-augmentation, so their output for an image never changes during fine-tuning. It is therefore
-computed once ("the frozen prefix") and every epoch runs only the unfrozen top: the same result
-as pushing each image through the whole network every epoch, at a fraction of the cost.
+The model starts as backbone + trained head (epoch 0 is that model, the LP baseline). Phases
+from ``params.yaml`` train a growing number of the backbone's top blocks, each phase with its own
+AdamW optimizer whose learning rate decays layer by layer below the head (timm's
+``create_optimizer_v2(layer_decay=...)``, applied as ``lr_scale`` by timm's cosine scheduler).
+
+Everything below the deepest phase's cut stays frozen in eval mode, so its output for an image is
+a pure function of the image: without augmentation it is computed once ("the frozen prefix");
+with augmentation it is recomputed each epoch on the augmented images, through the fast frozen
+engine (onnxruntime on CPU), and only the top runs in torch with gradients.
+
+Each epoch ends with a checkpoint (phase, trainable set, optimizer groups, scheduler, random
+state, a fingerprint of the configuration), so a killed run resumes where it stopped and reaches
+what an uninterrupted run reaches; a checkpoint of another configuration is never loaded.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import math
+import random
+import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import timm.data
 import torch
 from PIL import Image
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from graft.config import FinetuneParams
-from graft.engines import Engine, make_runner
+from graft.config import AugmentParams, FinetuneParams
+from graft.engines import Engine, make_runner, resolve_engine
 from graft.errors import GraftError
 from graft.features import forward_in_batches
+from graft.files import replacing
 from graft.head import accuracy
 from graft.progress import progress
 
+CHECKPOINT_FORMAT = "graft.finetune.resume/1"
+EpochHook = Callable[[dict[str, Any], nn.Module], None]
+
 
 class FinetuneError(GraftError):
-    """Fine-tuning cannot run as configured."""
+    """Fine-tuning cannot run as configured, or its training diverged."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +65,46 @@ class TrunkSplit:
 
 @dataclass
 class FinetuneResult:
+    """The best model on val (the head itself when fine-tuning never beat it) and the run."""
+
     state_dict: dict[str, torch.Tensor]
     head_val_accuracy: float
     val_accuracy: float
     best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bn: str = "frozen"
+    stopped: str = "completed"
+    candidates: dict[str, float] = field(default_factory=dict)
+    resumed_at_epoch: int | None = None
+
+    @property
+    def beats_head(self) -> bool:
+        return self.best_epoch > 0
+
+
+def _blocks_of(model: nn.Module) -> nn.Sequential:
+    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+    if not all(hasattr(model, name) for name in needed):
+        raise FinetuneError(
+            f"Fine-tuning supports timm EfficientNet-family backbones (conv_stem, blocks, "
+            f"conv_head); {type(model).__name__} is not one. Set finetune.enabled: false."
+        )
+    return model.blocks
+
+
+def check_schedule(model: nn.Module, params: FinetuneParams) -> None:
+    """Refuse a schedule the backbone cannot follow, before any work.
+
+    Raises:
+        FinetuneError: naming ``finetune.unfreeze_blocks`` if a phase asks for too many blocks.
+    """
+    available = len(_blocks_of(model))
+    for blocks, _ in params.phases:
+        if blocks > available:
+            raise FinetuneError(
+                f"finetune.unfreeze_blocks is {blocks}, but the backbone has only {available} "
+                f"blocks: choose 1 to {available} in params.yaml."
+            )
 
 
 def split_trunk(model: nn.Module, unfreeze_blocks: int) -> TrunkSplit:
@@ -55,13 +113,7 @@ def split_trunk(model: nn.Module, unfreeze_blocks: int) -> TrunkSplit:
     Raises:
         FinetuneError: if the model has no such structure or fewer blocks than asked.
     """
-    needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
-    if not all(hasattr(model, name) for name in needed):
-        raise FinetuneError(
-            f"Fine-tuning supports timm EfficientNet-family backbones (conv_stem, blocks, "
-            f"conv_head); {type(model).__name__} is not one. Set finetune.enabled: false."
-        )
-    blocks = model.blocks
+    blocks = _blocks_of(model)
     if unfreeze_blocks > len(blocks):
         raise FinetuneError(
             f"finetune.unfreeze_blocks is {unfreeze_blocks}, but the backbone has only "
@@ -76,10 +128,114 @@ def split_trunk(model: nn.Module, unfreeze_blocks: int) -> TrunkSplit:
     return TrunkSplit(prefix, top, [upper, model.conv_head, model.bn2], model.get_classifier())
 
 
-def _evaluate_top(split: TrunkSplit, activations: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.inference_mode():
-        logits = torch.cat([split.top(chunk) for chunk in activations.split(256)])
-    return accuracy(logits, labels)
+def augment_transform(
+    data_config: dict[str, Any], augment: AugmentParams
+) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's training transform for the backbone's data config with the ``augment`` settings."""
+    config = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in data_config.items()
+        if key in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    }
+    config.pop("crop_pct", None)  # training crops are random-resized, not centred
+    config.pop("crop_mode", None)
+    return timm.data.create_transform(
+        **config,
+        is_training=True,
+        scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio),
+        hflip=augment.hflip,
+        vflip=augment.vflip,
+        color_jitter=augment.color_jitter or None,
+        auto_augment=augment.auto_augment,
+        re_prob=augment.re_prob,
+    )
+
+
+def fingerprint(**parts: Any) -> str:
+    """A stable hash of everything a run's result depends on (JSON-able values)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def trainable_names(model: nn.Module, blocks: int) -> list[str]:
+    """The parameters trained in a phase that trains the top ``blocks`` blocks (and the head)."""
+    first = len(_blocks_of(model)) - blocks
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= first:
+            names.append(name)
+        elif parts[0] in ("conv_head", "bn2") or name.startswith(classifier + "."):
+            names.append(name)
+    return names
+
+
+class _Top(nn.Module):
+    """The part above the cached cut: frozen middle blocks (no grad), then the trained top."""
+
+    def __init__(self, model: nn.Module, cut: int, blocks: int) -> None:
+        super().__init__()
+        n = len(model.blocks)
+        self.model = model
+        self.middle = model.blocks[n - cut : n - blocks]
+        self.upper = model.blocks[n - blocks :]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if len(self.middle):
+            with torch.no_grad():
+                h = self.middle(h)
+        model = self.model
+        return model.forward_head(model.bn2(model.conv_head(self.upper(h))))
+
+    def adapting_norms(self) -> list[nn.Module]:
+        modules = [self.upper, self.model.bn2]
+        return [m for module in modules for m in module.modules() if _is_batchnorm(m)]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Every random stream an epoch draws from, as a function of (seed, epoch)."""
+    value = (seed * 1_000_003 + epoch) % (2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _random_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_random_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class _Data:
+    """Activations at the cut (computed once, or per epoch when augmenting) and labels."""
+
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    train_labels: torch.Tensor
+    train: torch.Tensor | None  # None: recomputed each epoch from augmented images
+    augmented: Callable[[int], torch.Tensor]
 
 
 def finetune(
@@ -92,68 +248,318 @@ def finetune(
     input_size: list[int],
     params: FinetuneParams,
     engine: Engine = "auto",
+    *,
+    train_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    checkpoint_dir: Path | None = None,
+    config_id: str = "",
+    on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (backbone + trained head) and return its best state on val.
 
-    Epoch 0 is the model as given, so ``head_val_accuracy`` is the LP baseline measured the same
-    way as every fine-tuned epoch. ``engine`` computes the frozen prefix (see graft.engines).
+    Args:
+        transform: the evaluation transform (val always; train when not augmenting).
+        train_transform: the augmenting transform, or None for no augmentation.
+        checkpoint_dir: where the per-epoch resume checkpoints live; None keeps none.
+        config_id: a fingerprint of the inputs outside ``params`` (data, head, backbone); a
+            checkpoint is resumed only when it and ``params`` are those of this run.
+        on_epoch: called after each epoch's checkpoint with the epoch's record and the model.
+
+    Raises:
+        FinetuneError: for a schedule the backbone cannot follow, or a NaN/infinite loss (the
+            last good checkpoint is kept).
     """
-    torch.manual_seed(params.seed)
-    model.eval()  # eval mode throughout: BatchNorm statistics stay frozen
-    split = split_trunk(model, params.unfreeze_blocks)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    backbone_params = [p for module in split.backbone_top for p in module.parameters()]
-    head_params = list(split.head.parameters())
-    for parameter in backbone_params + head_params:
-        parameter.requires_grad_(True)
-
+    check_schedule(model, params)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    cut = max(blocks for blocks, _ in params.phases)
+    model.eval().to(device)
+    split = split_trunk(model, cut)
     runner = make_runner(split.prefix, input_size, params.batch_size, engine)
+    memory_format = torch.channels_last if on_cuda and params.amp else torch.contiguous_format
 
-    def prefix_of(paths: Sequence[Path], name: str) -> torch.Tensor:
-        array = forward_in_batches(
-            runner, paths, transform, params.batch_size, f"frozen prefix ({name})"
-        )
-        return torch.from_numpy(array).contiguous(memory_format=torch.channels_last)
+    def activations(paths: Sequence[Path], image_transform, name: str) -> torch.Tensor:
+        array = forward_in_batches(runner, paths, image_transform, params.batch_size, name)
+        return torch.from_numpy(array).to(device).contiguous(memory_format=memory_format)
 
-    train_h, val_h = prefix_of(train_paths, "train"), prefix_of(val_paths, "val")
-    model.to(memory_format=torch.channels_last)
-    y_train, y_val = torch.tensor(train_labels).long(), torch.tensor(val_labels).long()
+    def augmented(epoch: int) -> torch.Tensor:
+        _seed_epoch(params.seed, epoch)  # the decoder thread is the only consumer here
+        return activations(train_paths, train_transform, f"frozen prefix (train, epoch {epoch})")
 
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": backbone_params, "lr": params.lr},
-            {"params": head_params, "lr": params.head_lr},
-        ],
-        weight_decay=params.weight_decay,
+    model.to(device=device, memory_format=memory_format)
+    data = _Data(
+        val=activations(val_paths, transform, "frozen prefix (val)"),
+        val_labels=torch.tensor(np.asarray(val_labels), dtype=torch.long, device=device),
+        train_labels=torch.tensor(np.asarray(train_labels), dtype=torch.long, device=device),
+        train=None if train_transform else activations(train_paths, transform, "frozen prefix"),
+        augmented=augmented,
     )
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(params.seed)
-    head_val = _evaluate_top(split, val_h, y_val)
-    best_val, best_epoch, best_state = head_val, 0, copy.deepcopy(model.state_dict())
-    history = [{"epoch": 0, "train_loss": float("nan"), "val_accuracy": head_val}]
-    for epoch in range(1, params.epochs + 1):
-        order = torch.randperm(len(y_train), generator=generator)
-        total_loss = 0.0
-        bar = progress(len(y_train), f"finetune epoch {epoch}/{params.epochs}")
-        for batch in order.split(params.batch_size):
-            optimizer.zero_grad()
-            loss = loss_fn(split.top(train_h[batch]), y_train[batch])
-            if not torch.isfinite(loss.detach()):
-                raise FinetuneError(
-                    f"Fine-tuning loss became {float(loss)} in epoch {epoch}: lower finetune.lr "
-                    f"(now {params.lr}) or finetune.head_lr (now {params.head_lr})."
-                )
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-            bar.update(len(batch))
-        val_acc = _evaluate_top(split, val_h, y_val)
-        bar.set_postfix(loss=f"{total_loss / len(y_train):.4f}", val_accuracy=f"{val_acc:.4f}")
-        bar.close()
-        history.append(
-            {"epoch": epoch, "train_loss": total_loss / len(y_train), "val_accuracy": val_acc}
+    initial = copy.deepcopy(model.state_dict())
+    policies = ["frozen", "adapt"] if params.bn == "auto" else [params.bn]
+    results = []
+    for policy in policies:
+        model.load_state_dict(initial)
+        # The wall-clock budget is shared: with bn auto, each policy gets its part of it.
+        budget_s = params.max_minutes * 60.0 / len(policies)
+        run = _PolicyRun(model, data, params, policy, cut, on_cuda, budget_s)
+        path = None if checkpoint_dir is None else checkpoint_dir / f"finetune-{policy}.resume.pt"
+        identity = fingerprint(
+            format=CHECKPOINT_FORMAT,
+            params=params.model_dump(mode="json"),
+            policy=policy,
+            engine=resolve_engine(engine),
+            config=config_id,
         )
-        if val_acc > best_val:
-            best_val, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
-    return FinetuneResult(best_state, head_val, best_val, best_epoch, history)
+        results.append(run.train(path, identity, on_epoch))
+    # Ties go to the first policy (frozen, the safer one).
+    best = max(results, key=lambda r: (r.val_accuracy, -policies.index(r.bn)))
+    best.candidates = {r.bn: r.val_accuracy for r in results}
+    model.load_state_dict(best.state_dict)
+    return best
+
+
+class _PolicyRun:
+    """One pass through the schedule with one BatchNorm policy."""
+
+    def __init__(self, model, data: _Data, params: FinetuneParams, policy, cut, on_cuda, budget_s):
+        self.model, self.data, self.params, self.policy = model, data, params, policy
+        self.cut, self.on_cuda, self.budget_s = cut, on_cuda, budget_s
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    def _autocast(self):
+        if self.on_cuda and self.params.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def evaluate(self, top: _Top) -> tuple[float, float]:
+        """(val loss, val accuracy) of the model in eval mode."""
+        self.model.eval()
+        with torch.inference_mode(), self._autocast():
+            logits = torch.cat([top(chunk).float() for chunk in self.data.val.split(256)])
+        labels = self.data.val_labels
+        return float(nn.functional.cross_entropy(logits, labels)), accuracy(logits, labels)
+
+    def set_phase(self, blocks: int) -> tuple[_Top, list[str]]:
+        top = _Top(self.model, self.cut, blocks)
+        names = set(trainable_names(self.model, blocks))
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name in names)
+        return top, sorted(names)
+
+    def set_train_mode(self, top: _Top) -> None:
+        self.model.eval()  # frozen statistics everywhere ...
+        if self.policy == "adapt":  # ... except in the trained blocks, which adapt to the data
+            for norm in top.adapting_norms():
+                norm.train()
+
+    def recalibrate(self, top: _Top, train_h: torch.Tensor) -> None:
+        """Adapting statistics: recompute them over train with the epoch's final weights.
+
+        timm's TF-ported EfficientNets keep running statistics with momentum 0.01, far behind
+        the changing weights after a few hundred steps; evaluating on those would mismatch.
+        """
+        norms = top.adapting_norms()
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the pass
+            norm.train()
+        with torch.no_grad(), self._autocast():
+            for chunk in train_h.split(self.params.batch_size):
+                top(chunk)
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        self.model.eval()
+
+    def train(self, path: Path | None, identity: str, on_epoch: EpochHook | None):
+        params, model, data = self.params, self.model, self.data
+        head_loss, head_acc = self.evaluate(_Top(model, self.cut, self.cut))
+        state = {
+            "phase": 0,
+            "epoch_in_phase": 0,
+            "epoch": 0,
+            "best_score": [head_acc, math.inf],  # the head wins every tie in accuracy
+            "best_epoch": 0,
+            "best_state": copy.deepcopy(model.state_dict()),
+            "phase_best": None,
+            "stale": 0,
+            "elapsed_s": 0.0,
+            "history": [
+                {
+                    "epoch": 0,
+                    "phase": 0,
+                    "blocks": 0,
+                    "train_loss": float("nan"),
+                    "val_loss": head_loss,
+                    "val_accuracy": head_acc,
+                    "lr": 0.0,
+                }
+            ],
+            "stopped": "completed",
+        }
+        checkpoint = _load_resumable(path, identity)
+        resumed_at = None
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            state = checkpoint["state"]
+            resumed_at = state["epoch"]
+            print(f"finetune: resuming after epoch {resumed_at} from {path}")
+        started = time.monotonic() - state["elapsed_s"]
+        budget_s = self.budget_s
+        steps = math.ceil(len(data.train_labels) / params.batch_size)
+        phases = params.phases
+        while state["phase"] < len(phases) and state["stopped"] == "completed":
+            blocks, epochs = phases[state["phase"]]
+            top, names = self.set_phase(blocks)
+            optimizer = create_optimizer_v2(
+                model,
+                "adamw",
+                lr=params.lr,
+                weight_decay=params.weight_decay,
+                layer_decay=params.layer_decay,
+            )
+            scheduler = CosineLRScheduler(
+                optimizer,
+                t_initial=max(epochs * steps, 1),
+                warmup_t=round(params.warmup_epochs * steps),
+                warmup_lr_init=params.lr * 0.01,
+                t_in_epochs=False,
+            )
+            scheduler.step_update(0)
+            if checkpoint is not None:
+                if state["epoch_in_phase"] > 0:  # stopped mid-phase: continue its optimizer
+                    if checkpoint["trainable"] != names:
+                        raise FinetuneError(f"{path} trains other parameters than this phase.")
+                    optimizer.load_state_dict(checkpoint["optimizer"])
+                    scheduler.load_state_dict(checkpoint["scheduler"])
+                _restore_random_state(checkpoint["random"])
+                checkpoint = None
+            while state["epoch_in_phase"] < epochs:
+                elapsed = time.monotonic() - started
+                epochs_done = state["epoch"]
+                per_epoch = elapsed / epochs_done if epochs_done else 0.0
+                if elapsed + per_epoch > budget_s:
+                    state["stopped"] = f"time budget (finetune.max_minutes: {params.max_minutes})"
+                    break
+                epoch = state["epoch"] + 1
+                train_h = data.train if data.train is not None else data.augmented(epoch)
+                _seed_epoch(params.seed, 1_000 + epoch)
+                train_loss = self.train_epoch(
+                    top, optimizer, scheduler, train_h, epoch, state, path, steps
+                )
+                if self.policy == "adapt":
+                    self.recalibrate(top, train_h)
+                val_loss, val_acc = self.evaluate(top)
+                record = {
+                    "epoch": epoch,
+                    "phase": state["phase"] + 1,
+                    "blocks": blocks,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "lr": max(group["lr"] for group in optimizer.param_groups),
+                }
+                state["history"].append(record)
+                state["epoch"], state["epoch_in_phase"] = epoch, state["epoch_in_phase"] + 1
+                score = [val_acc, -val_loss]
+                if score > state["best_score"]:
+                    state["best_score"], state["best_epoch"] = score, epoch
+                    state["best_state"] = copy.deepcopy(model.state_dict())
+                if state["phase_best"] is None or score > state["phase_best"]:
+                    state["phase_best"], state["stale"] = score, 0
+                else:
+                    state["stale"] += 1
+                phase_over = state["stale"] >= params.patience
+                if phase_over or state["epoch_in_phase"] >= epochs:
+                    phase_over = True
+                    state["phase"] += 1
+                    state["epoch_in_phase"], state["phase_best"], state["stale"] = 0, None, 0
+                state["elapsed_s"] = time.monotonic() - started
+                if path is not None:
+                    _save_resumable(path, identity, model, state, names, optimizer, scheduler)
+                if on_epoch is not None:
+                    on_epoch(record, model)
+                if phase_over:
+                    break
+        best_acc = state["best_score"][0]
+        return FinetuneResult(
+            state_dict={k: v.detach().cpu() for k, v in state["best_state"].items()},
+            head_val_accuracy=head_acc,
+            val_accuracy=best_acc,
+            best_epoch=state["best_epoch"],
+            history=state["history"],
+            bn=self.policy,
+            stopped=state["stopped"],
+            resumed_at_epoch=resumed_at,
+        )
+
+    def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, path, steps) -> float:
+        params, labels = self.params, self.data.train_labels
+        generator = torch.Generator().manual_seed(params.seed * 7919 + epoch)
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        self.set_train_mode(top)
+        total, updates = 0.0, (state["epoch_in_phase"]) * steps
+        description = f"finetune epoch {epoch} (phase {state['phase'] + 1}, {self.policy} BN)"
+        with progress(len(labels), description) as bar:
+            for batch in order.split(params.batch_size):
+                with self._autocast():
+                    logits = top(train_h[batch])
+                loss = self.loss_fn(logits.float(), labels[batch])
+                if not torch.isfinite(loss.detach()):
+                    kept = (
+                        f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}"
+                        if path is not None and state["epoch"] > 0
+                        else "no checkpoint was written"
+                    )
+                    raise FinetuneError(
+                        f"Fine-tuning stopped: the training loss became {loss.item()} in epoch "
+                        f"{epoch} (phase {state['phase'] + 1}); {kept}, and no model was "
+                        f"written. Lower finetune.lr (now {params.lr}) or check the images."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                updates += 1
+                scheduler.step_update(updates)
+                total += loss.item() * len(batch)
+                bar.update(len(batch))
+            bar.set_postfix(loss=f"{total / len(labels):.4f}")
+        return total / len(labels)
+
+
+def _save_resumable(path, identity, model, state, names, optimizer, scheduler) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": identity,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state": {
+            **state,
+            "best_state": {k: v.detach().cpu() for k, v in state["best_state"].items()},
+        },
+        "trainable": names,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "random": _random_state(),
+    }
+    with replacing(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def _load_resumable(path: Path | None, identity: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this exact configuration, else None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: start afresh, say so
+        print(f"finetune: ignoring unreadable checkpoint {path} ({exc}); starting afresh")
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        print(f"finetune: {path} is not a graft fine-tuning checkpoint; starting afresh")
+        return None
+    if payload.get("fingerprint") != identity:
+        print(
+            f"finetune: {path} belongs to a different configuration (params, data, head or "
+            "backbone changed); starting afresh"
+        )
+        return None
+    return payload

@@ -1,13 +1,18 @@
-"""The new head: a linear classifier trained on cached backbone features.
+"""The new head: a linear classifier (or a small MLP) trained on cached backbone features.
 
-The head is an ``nn.Linear`` over the backbone's pooled features, so its weights drop straight
-into the timm model's own classifier for fine-tuning and export.
+The linear head is an ``nn.Linear`` over the backbone's pooled features, so its weights drop
+straight into the timm model's own classifier for fine-tuning and export; the MLP head replaces
+that classifier with ``Linear -> ReLU -> Dropout -> Linear``. Training is full-batch AdamW on the
+feature matrix: 10,000 vectors train in seconds on a CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,17 +20,23 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from graft.config import HeadParams
+from graft.errors import GraftError
+
+
+class HeadError(GraftError):
+    """The head cannot be trained as configured (for instance, its loss became NaN)."""
 
 
 @dataclass
 class HeadResult:
     """The best head found on val, and how training went."""
 
-    head: nn.Linear
+    head: nn.Module
     best_epoch: int
     val_accuracy: float
     train_accuracy: float
     history: list[dict[str, float]] = field(default_factory=list)
+    architecture: dict[str, Any] = field(default_factory=dict)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -42,19 +53,48 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.from_numpy(weights)
 
 
-def train_linear_head(
+def head_architecture(params: HeadParams) -> dict[str, Any]:
+    """What ``make_head`` needs to rebuild the head; it travels in the model files."""
+    if params.kind == "mlp":
+        return {"kind": "mlp", "hidden": params.hidden, "dropout": params.dropout}
+    return {"kind": "linear"}
+
+
+def make_head(in_features: int, num_classes: int, architecture: dict[str, Any]) -> nn.Module:
+    """A fresh head: ``nn.Linear`` for ``{"kind": "linear"}``, or the MLP for ``"mlp"``."""
+    kind = architecture.get("kind", "linear")
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    if kind == "mlp":
+        hidden = int(architecture["hidden"])
+        return nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(float(architecture["dropout"])),
+            nn.Linear(hidden, num_classes),
+        )
+    raise HeadError(f"Unknown head kind {kind!r}: use head.kind linear or mlp.")
+
+
+def train_head(
     train_x: np.ndarray,
     train_y: np.ndarray,
     val_x: np.ndarray,
     val_y: np.ndarray,
     num_classes: int,
     params: HeadParams,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> HeadResult:
-    """Full-batch AdamW on the features, stopped early on val accuracy (val loss breaks ties)."""
+    """Full-batch AdamW on the features, stopped early on val accuracy (val loss breaks ties).
+
+    Raises:
+        HeadError: if the training loss becomes NaN or infinite.
+    """
     torch.manual_seed(params.seed)
     x_train, y_train = torch.tensor(train_x), torch.tensor(train_y).long()
     x_val, y_val = torch.tensor(val_x), torch.tensor(val_y).long()
-    head = nn.Linear(train_x.shape[1], num_classes)
+    architecture = head_architecture(params)
+    head = make_head(train_x.shape[1], num_classes, architecture)
     loss_fn = nn.CrossEntropyLoss(
         weight=balanced_class_weights(train_y, num_classes), label_smoothing=params.label_smoothing
     )
@@ -65,6 +105,11 @@ def train_linear_head(
         head.train()
         optimizer.zero_grad()
         loss = loss_fn(head(x_train), y_train)
+        if not math.isfinite(loss.item()):
+            raise HeadError(
+                f"The head's training loss became {loss.item()} in epoch {epoch}: lower head.lr "
+                f"(now {params.lr}) or check the features for NaN values."
+            )
         loss.backward()
         optimizer.step()
         head.eval()
@@ -72,14 +117,15 @@ def train_linear_head(
             val_logits = head(x_val)
             val_loss = float(nn.functional.cross_entropy(val_logits, y_val))
             val_acc = accuracy(val_logits, y_val)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": loss.item(),
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-            }
-        )
+        record = {
+            "epoch": epoch,
+            "train_loss": loss.item(),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         score = (val_acc, -val_loss)
         if score > best:
             best, best_state, best_epoch, stale = score, copy.deepcopy(head.state_dict()), epoch, 0
@@ -91,4 +137,4 @@ def train_linear_head(
     head.eval()
     with torch.no_grad():
         train_acc = accuracy(head(x_train), y_train)
-    return HeadResult(head, best_epoch, best[0], train_acc, history)
+    return HeadResult(head, best_epoch, best[0], train_acc, history, architecture)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.classifier import build_classifier, load_checkpoint
+from graft.classifier import build_classifier, build_head, load_checkpoint
 from graft.config import load_params
 from graft.engines import make_runner
 from graft.evaluate import Blessing, bless, classification_metrics, select_candidate
@@ -35,8 +35,7 @@ def main(root: Path = Path(".")) -> Blessing:
     test = load_feature_set(paths.features / "test.npz")
     finetune_metrics = read_json(paths.metrics / "finetune.json")
 
-    head = torch.nn.Linear(test.features.shape[1], len(labels))
-    head.load_state_dict(head_ckpt.state_dict)
+    head = build_head(head_ckpt, test.features.shape[1])
     with torch.inference_mode():
         head_logits = head(torch.from_numpy(test.features)).numpy()
     probabilities = {"head": softmax(head_logits)}

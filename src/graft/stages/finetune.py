@@ -1,29 +1,56 @@
-"""Stage ``finetune``: LP-FT of the backbone's top blocks with the trained head."""
+"""Stage ``finetune``: LP-FT of the backbone's top blocks with the trained head.
+
+Writes the best model on val (the head itself when fine-tuning never beat it: the fallback),
+``metrics/finetune.json`` with both val accuracies, the learning curve, and a DVCLive log. The
+per-epoch resume checkpoints live in ``models/checkpoints/`` until the run has finished.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 
-from graft.classifier import Checkpoint, build_classifier, load_checkpoint, save_checkpoint
+from graft.backbones import file_sha256
+from graft.classifier import (
+    Checkpoint,
+    build_classifier,
+    head_architecture_of,
+    load_checkpoint,
+    save_checkpoint,
+)
 from graft.config import load_params
 from graft.data.manifest import read_manifest
 from graft.files import write_json, write_text_atomic
-from graft.finetune import FinetuneResult, finetune
+from graft.finetune import (
+    FinetuneResult,
+    augment_transform,
+    check_schedule,
+    finetune,
+    fingerprint,
+)
+from graft.live_log import write_live_log
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
+
+
+def checkpoint_dir(paths: ProjectPaths) -> Path:
+    return paths.finetuned_model.parent / "checkpoints"
 
 
 def main(root: Path = Path(".")) -> FinetuneResult:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
+    settings = params.finetune
     head = load_checkpoint(paths.head_model)
     model = build_classifier(head)
     spec = head.spec
-    if params.finetune.enabled and params.finetune.epochs > 0:
+    run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0
+    if run:
+        check_schedule(model, settings)  # before any work
         manifest = read_manifest(paths.manifest)
         usable = manifest[manifest["status"] == "ok"]
         index_of = {label: i for i, label in enumerate(spec.labels)}
@@ -34,6 +61,12 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             return [paths.data / p for p in rows["path"]], labels
 
         (train_paths, train_y), (val_paths, val_y) = split_of("train"), split_of("val")
+        rows = usable[usable["split"].isin(["train", "val"])]
+        config_id = fingerprint(
+            head=file_sha256(paths.head_model),
+            images=rows[["path", "sha256", "label", "split"]].values.tolist(),
+            spec={"backbone": spec.backbone, "weights": spec.weights_sha256 or spec.weights},
+        )
         result = finetune(
             model,
             train_paths,
@@ -42,35 +75,76 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             val_y,
             eval_transform(spec.data_config),
             spec.data_config["input_size"],
-            params.finetune,
+            settings,
             params.features.engine,
+            train_transform=(
+                augment_transform(spec.data_config, settings.augment)
+                if settings.augment.enabled
+                else None
+            ),
+            checkpoint_dir=checkpoint_dir(paths),
+            config_id=config_id,
+            on_epoch=_print_epoch,
         )
     else:
         head_val = float(head.info["val_accuracy"])
         result = FinetuneResult(model.state_dict(), head_val, head_val, 0, [])
-    info = {"best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy}
+    candidate = "finetuned" if result.beats_head else "head"
+    info = {
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.val_accuracy,
+        "head": head_architecture_of(head),
+        "candidate": candidate,
+    }
     save_checkpoint(paths.finetuned_model, Checkpoint(spec, "full", result.state_dict, info))
+    tuned = [r["val_accuracy"] for r in result.history if r["epoch"] > 0]
     write_json(
         paths.metrics / "finetune.json",
         {
-            "skipped": not (params.finetune.enabled and params.finetune.epochs > 0),
+            "skipped": not run,
             "head_val_accuracy": result.head_val_accuracy,
             "val_accuracy": result.val_accuracy,
+            "finetuned_val_accuracy": max(tuned) if tuned else None,
             "best_epoch": result.best_epoch,
             "epochs_run": max(len(result.history) - 1, 0),
+            "candidate": candidate,
+            "bn": result.bn,
+            "bn_candidates": result.candidates,
+            "stopped": result.stopped,
+            "resumed_at_epoch": result.resumed_at_epoch,
         },
     )
     write_text_atomic(paths.plots / "finetune_history.csv", _history_csv(result.history))
+    write_live_log(paths.root / "dvclive" / "finetune", result.history)
+    for leftover in checkpoint_dir(paths).glob("finetune-*.resume.pt"):
+        leftover.unlink()  # the run is complete: its model is in finetuned.pt
+    verdict = (
+        "beats the head: the fine-tuned model is the candidate"
+        if result.beats_head
+        else "does not beat the head on val: the head is the candidate"
+    )
     print(
         f"finetune: val accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch} "
-        f"(head alone: {result.head_val_accuracy:.4f})"
+        f"(head alone: {result.head_val_accuracy:.4f}, BN {result.bn}); {verdict}"
     )
     return result
 
 
-def _history_csv(history: list[dict[str, float]]) -> str:
+def _print_epoch(record: dict, _model) -> None:
+    loss = record["train_loss"]
+    print(
+        f"finetune epoch {record['epoch']} (phase {record['phase']}, {record['blocks']} blocks): "
+        f"train loss {loss:.4f}, val loss {record['val_loss']:.4f}, "
+        f"val accuracy {record['val_accuracy']:.4f}"
+        + ("" if math.isfinite(loss) else " (diverged)")
+    )
+
+
+def _history_csv(history: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["epoch", "train_loss", "val_accuracy"])
+    writer = csv.DictWriter(
+        buffer, fieldnames=["epoch", "train_loss", "val_accuracy"], extrasaction="ignore"
+    )
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()

@@ -1,4 +1,5 @@
-"""Stage ``train_head``: a linear head on the cached features of train, early-stopped on val."""
+"""Stage ``train_head``: a linear (or MLP) head on the cached features of train, early-stopped on
+val; its per-epoch loss and val accuracy are logged with DVCLive (``dvclive/train_head``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from graft.classifier import Checkpoint, save_checkpoint
 from graft.config import load_params
 from graft.features import load_feature_set
 from graft.files import write_json
-from graft.head import HeadResult, train_linear_head
+from graft.head import HeadResult, train_head
+from graft.live_log import write_live_log
 from graft.paths import ProjectPaths
 from graft.stages.features import load_spec
 
@@ -19,22 +21,29 @@ def main(root: Path = Path(".")) -> HeadResult:
     spec = load_spec(paths)
     train = load_feature_set(paths.features / "train.npz")
     val = load_feature_set(paths.features / "val.npz")
-    result = train_linear_head(
+    result = train_head(
         train.features, train.labels, val.features, val.labels, len(spec.labels), params.head
     )
-    info = {"best_epoch": result.best_epoch, "val_accuracy": result.val_accuracy}
+    info = {
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.val_accuracy,
+        "head": result.architecture,
+    }
     save_checkpoint(paths.head_model, Checkpoint(spec, "head", result.head.state_dict(), info))
     write_json(
         paths.metrics / "head.json",
         {
+            "kind": params.head.kind,
             "train_accuracy": result.train_accuracy,
             "val_accuracy": result.val_accuracy,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
         },
     )
+    write_live_log(paths.root / "dvclive" / "train_head", result.history)
     print(
-        f"head: val accuracy {result.val_accuracy:.4f} (best epoch {result.best_epoch} "
-        f"of {len(result.history)}), train accuracy {result.train_accuracy:.4f}"
+        f"head ({params.head.kind}): val accuracy {result.val_accuracy:.4f} (best epoch "
+        f"{result.best_epoch} of {len(result.history)}), train accuracy "
+        f"{result.train_accuracy:.4f}"
     )
     return result

@@ -1,0 +1,250 @@
+"""LP-FT on real digits with a tiny random-weight timm model: phases, BatchNorm policies, resume,
+the NaN stop, and parameter errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graft.backbones import create_backbone
+from graft.config import FinetuneParams, ParamsError, parse_params
+from graft.finetune import (
+    FinetuneError,
+    augment_transform,
+    check_schedule,
+    finetune,
+    trainable_names,
+)
+from graft.preprocessing import eval_transform
+from graft.sample_data import write_sample_data
+
+BLOCKS = 5  # test_efficientnet has 5 entries in `blocks`
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    data = tmp_path_factory.mktemp("finetune") / "data"
+    write_sample_data(data, per_class=5)
+    paths = sorted(data.rglob("*.png"))
+    labels = np.array([int(p.parent.name) for p in paths])
+    val = np.arange(len(paths)) % 5 == 0
+    backbone = create_backbone("test_efficientnet", "random", num_classes=10)
+    return {
+        "train": ([p for p, v in zip(paths, val, strict=True) if not v], labels[~val]),
+        "val": ([p for p, v in zip(paths, val, strict=True) if v], labels[val]),
+        "model": backbone.model,
+        "data_config": backbone.data_config,
+    }
+
+
+def settings(**overrides) -> FinetuneParams:
+    base = {"unfreeze_blocks": 1, "epochs": 2, "batch_size": 8, "lr": 0.01, "patience": 10}
+    return FinetuneParams(**{**base, **overrides})
+
+
+def run(digits, params: FinetuneParams, **kwargs):
+    model = copy.deepcopy(digits["model"])
+    (train_paths, train_y), (val_paths, val_y) = digits["train"], digits["val"]
+    config = digits["data_config"]
+    train_transform = augment_transform(config, params.augment) if params.augment.enabled else None
+    result = finetune(
+        model,
+        train_paths,
+        train_y,
+        val_paths,
+        val_y,
+        eval_transform(config),
+        config["input_size"],
+        params,
+        "onnxruntime",
+        train_transform=train_transform,
+        **kwargs,
+    )
+    return result, model
+
+
+def test_each_phase_trains_its_top_blocks_and_the_head_only(digits):
+    seen: dict[int, set[str]] = {}
+
+    def record(epoch: dict, model) -> None:
+        seen[epoch["phase"]] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    params = settings(unfreeze_blocks=[1, 3], epochs=[1, 1])
+    result, _ = run(digits, params, on_epoch=record)
+    head_and_neck = {"conv_head.weight", "bn2.weight", "bn2.bias"} | {
+        "classifier.weight",
+        "classifier.bias",
+    }
+    for phase, first_block in ((1, 4), (2, 2)):
+        blocks = {name.split(".")[1] for name in seen[phase] if name.startswith("blocks.")}
+        assert blocks == {str(b) for b in range(first_block, BLOCKS)}
+        assert head_and_neck <= seen[phase]
+        assert not any(name.startswith(("conv_stem", "bn1")) for name in seen[phase])
+    assert seen[1] < seen[2] == set(trainable_names(digits["model"], 3))
+    # What was never trained is bit for bit the pretrained model.
+    initial = digits["model"].state_dict()
+    for key, value in result.state_dict.items():
+        if key.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1")):
+            assert torch.equal(value, initial[key]), key
+
+
+def _running_stats(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        k: v
+        for k, v in state.items()
+        if k.startswith(prefix) and k.endswith(("running_mean", "running_var"))
+    }
+
+
+def _state_after_training(digits, params: FinetuneParams) -> dict[str, torch.Tensor]:
+    """The model's state after its last epoch (not the best one, which may be the head)."""
+    states = []
+
+    def snapshot(_epoch: dict, model) -> None:
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    run(digits, params, on_epoch=snapshot)
+    return states[-1]
+
+
+def test_frozen_batchnorm_statistics_never_change(digits):
+    state = _state_after_training(digits, settings(unfreeze_blocks=2, bn="frozen"))
+    initial = digits["model"].state_dict()
+    stats = _running_stats(state, "")
+    assert len(stats) > 20
+    for key, value in stats.items():
+        assert torch.equal(value, initial[key]), key
+    trained = "blocks.4.0.conv_pw.weight"
+    assert not torch.equal(state[trained], initial[trained])
+
+
+def test_adapting_batchnorm_statistics_change_in_the_trained_blocks_only(digits):
+    state = _state_after_training(digits, settings(unfreeze_blocks=2, bn="adapt", epochs=1))
+    initial = digits["model"].state_dict()
+    for prefix in ("blocks.3.", "blocks.4.", "bn2."):
+        stats = _running_stats(state, prefix)
+        assert stats and all(not torch.allclose(v, initial[k]) for k, v in stats.items()), prefix
+    for prefix in ("bn1.", "blocks.0.", "blocks.1.", "blocks.2."):
+        for key, value in _running_stats(state, prefix).items():
+            assert torch.equal(value, initial[key]), key
+
+
+def test_auto_batchnorm_policy_keeps_the_one_better_on_val(digits):
+    result, _ = run(digits, settings(bn="auto", epochs=1))
+    assert set(result.candidates) == {"frozen", "adapt"}
+    assert result.bn == max(result.candidates, key=lambda p: (result.candidates[p], p == "frozen"))
+    assert result.val_accuracy == result.candidates[result.bn]
+
+
+class Killed(Exception):
+    """Stands for the process being killed between two epochs."""
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path: Path):
+    params = settings(
+        unfreeze_blocks=[1, 2],
+        epochs=[2, 2],
+        bn="adapt",
+        augment={"enabled": True, "scale": [0.6, 1.0]},
+    )
+    uninterrupted, _ = run(digits, params, checkpoint_dir=tmp_path / "a")
+
+    def kill_after_epoch_3(epoch: dict, _model) -> None:
+        if epoch["epoch"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(digits, params, checkpoint_dir=tmp_path / "b", on_epoch=kill_after_epoch_3)
+    resumed, _ = run(digits, params, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_at_epoch == 3  # mid-phase 2
+    assert len(resumed.history) == len(uninterrupted.history) == 5
+    for mine, theirs in zip(resumed.history, uninterrupted.history, strict=True):
+        assert mine["phase"] == theirs["phase"]
+        assert mine["val_accuracy"] == pytest.approx(theirs["val_accuracy"], abs=1e-6)
+        if math.isfinite(theirs["train_loss"]):
+            assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    for key, value in uninterrupted.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_of_another_configuration_is_never_resumed(digits, tmp_path: Path):
+    def kill_after_epoch_1(epoch: dict, _model) -> None:
+        if epoch["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(digits, settings(), checkpoint_dir=tmp_path, on_epoch=kill_after_epoch_1)
+    assert list(tmp_path.glob("*.resume.pt"))
+    other_lr, _ = run(digits, settings(lr=0.02), checkpoint_dir=tmp_path)
+    assert other_lr.resumed_at_epoch is None and len(other_lr.history) == 3
+    other_data, _ = run(digits, settings(), checkpoint_dir=tmp_path, config_id="other images")
+    assert other_data.resumed_at_epoch is None
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path: Path):
+    saved: dict[str, bytes] = {}
+
+    def poison_after_epoch_1(epoch: dict, model) -> None:
+        if epoch["epoch"] == 1:
+            (path,) = tmp_path.glob("*.resume.pt")
+            saved["bytes"] = path.read_bytes()
+            with torch.no_grad():
+                model.get_classifier().weight.fill_(float("nan"))
+
+    with pytest.raises(FinetuneError, match="loss became nan in epoch 2") as error:
+        run(digits, settings(), checkpoint_dir=tmp_path, on_epoch=poison_after_epoch_1)
+    assert "last good checkpoint (epoch 1) is kept" in str(error.value)
+    assert "finetune.lr" in str(error.value)
+    (path,) = tmp_path.glob("*.resume.pt")
+    assert path.read_bytes() == saved["bytes"]
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["state"]["epoch"] == 1
+    assert all(
+        torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point()
+    )
+
+
+def test_unfreezing_more_blocks_than_the_backbone_has_is_refused(digits):
+    with pytest.raises(FinetuneError, match="finetune.unfreeze_blocks is 9, but the backbone has"):
+        check_schedule(digits["model"], settings(unfreeze_blocks=[1, 9], epochs=[1, 1]))
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"finetune": {"lr": 0}}, "finetune.lr"),
+        ({"finetune": {"lr": -0.001}}, "finetune.lr"),
+        ({"head": {"lr": 0}}, "head.lr"),
+        ({"finetune": {"epochs": -1}}, "finetune.epochs"),
+        ({"finetune": {"unfreeze_blocks": [1, 2], "epochs": [3, -1]}}, "finetune.epochs"),
+        ({"finetune": {"unfreeze_blocks": [1, 2], "epochs": [3]}}, "finetune.epochs"),
+        ({"finetune": {"unfreeze_blocks": [3, 1], "epochs": [1, 1]}}, "finetune.unfreeze_blocks"),
+        ({"finetune": {"unfreeze_blocks": 0}}, "finetune.unfreeze_blocks"),
+        ({"finetune": {"bn": "moving"}}, "finetune.bn"),
+        ({"finetune": {"layer_decay": 1.5}}, "finetune.layer_decay"),
+        ({"finetune": {"max_minutes": 0}}, "finetune.max_minutes"),
+        ({"finetune": {"augment": {"hflip": 2}}}, "finetune.augment.hflip"),
+        ({"finetune": {"augment": {"scale": [1.0, 0.5]}}}, "finetune.augment.scale"),
+        ({"head": {"epochs": -3}}, "head.epochs"),
+        ({"head": {"kind": "transformer"}}, "head.kind"),
+    ],
+)
+def test_invalid_training_parameters_name_their_key(raw, key):
+    with pytest.raises(ParamsError, match=f"key '{key}'"):
+        parse_params(raw)
+
+
+def test_the_augmentation_never_flips_by_default_and_keeps_the_input_size(digits):
+    params = parse_params({"finetune": {"augment": {"enabled": True}}}).finetune
+    transform = augment_transform(digits["data_config"], params.augment)
+    assert "Flip" not in repr(transform)
+    from graft.data.images import load_image
+
+    image = load_image(digits["train"][0][0])
+    assert tuple(transform(image).shape) == tuple(digits["data_config"]["input_size"])
