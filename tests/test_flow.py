@@ -13,7 +13,7 @@ import yaml
 
 from graft.files import read_json
 from graft.paths import ProjectPaths
-from tests.conftest import REPO_ROOT, make_project
+from tests.conftest import REPO_ROOT, make_project, write_params
 
 SCRIPTS = str(Path(sys.executable).parent)
 
@@ -66,13 +66,65 @@ def latest_report() -> str:
     return max(artifacts, key=lambda artifact: artifact.created).data
 
 
-def test_flow_runs_every_stage_through_dvc_and_leaves_nothing_to_do(tmp_path, prefect_server):
+class WebhookReceiver:
+    """A real HTTP endpoint on 127.0.0.1 that records what a notification block posts to it."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                received.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def block_name(self) -> str:
+        """Save a Prefect custom-webhook notification block pointing here; its slug/name."""
+        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+        block = CustomWebhookNotificationBlock(
+            name="graft test alerts", url=self.url, json_data={"text": "{{subject}}\n{{body}}"}
+        )
+        name = f"graft-test-{self.server.server_address[1]}"
+        block.save(name, overwrite=True)
+        return f"{block.get_block_type_slug()}/{name}"
+
+
+@pytest.fixture
+def webhook(prefect_server):
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+def final_state(paths: ProjectPaths, **parameters):
     from flows.training import training
 
-    paths = as_dvc_project(make_project(tmp_path / "project"))
-    result = training(str(paths.root))
-    assert result["outcome"] == "exported"
-    assert paths.onnx_model.is_file()
+    return training(str(paths.root), return_state=True, **parameters)
+
+
+@pytest.fixture(scope="module")
+def promoted_project(tmp_path_factory, prefect_server) -> tuple[ProjectPaths, object]:
+    paths = as_dvc_project(make_project(tmp_path_factory.mktemp("flow") / "project"))
+    return paths, final_state(paths)
+
+
+def test_flow_runs_every_stage_through_dvc_promotes_and_leaves_nothing_to_do(promoted_project):
+    paths, state = promoted_project
+    assert state.is_completed() and state.name == "Promoted", state.message
+    assert state.result()["outcome"] == "promoted"
+    served = paths.root / "models" / "production" / "model.onnx"
+    assert served.read_bytes() == paths.onnx_model.read_bytes()
     lock = yaml.safe_load((paths.root / "dvc.lock").read_text())
     assert set(lock["stages"]) == {
         "validate",
@@ -84,38 +136,99 @@ def test_flow_runs_every_stage_through_dvc_and_leaves_nothing_to_do(tmp_path, pr
     }
     assert_dvc_has_nothing_to_do(paths.root)
     report = latest_report()
-    assert "graft training run: exported" in report
+    assert "graft training run: Promoted" in report
     assert "| head |" in report and "| finetuned |" in report and "parity" in report
+    assert "Infra check (`graft serve` on loopback): passed" in report
 
 
-def test_flow_stops_before_export_when_the_gate_fails(tmp_path, prefect_server):
-    from flows.training import training
-
-    overrides = {"evaluate": {"min_accuracy": 1.0}}
+def test_a_gate_refusal_is_its_own_outcome_and_notifies(tmp_path, webhook):
+    overrides = {"evaluate": {"min_accuracy": 1.0}, "flow": {"notify_block": webhook.block_name()}}
     paths = as_dvc_project(make_project(tmp_path / "project", overrides=overrides))
-    result = training(str(paths.root))
-    assert result["outcome"] == "refused"
-    assert any("below the minimum" in reason for reason in result["reasons"])
+    state = final_state(paths)
+    assert state.is_completed() and state.name == "Refused"
+    assert "below the minimum" in state.message
     assert not paths.onnx_model.exists()
+    assert not (paths.root / "models" / "production").exists()
     assert "export" not in yaml.safe_load((paths.root / "dvc.lock").read_text())["stages"]
     report = latest_report()
-    assert "graft training run: refused" in report and "below the minimum" in report
+    assert "graft training run: Refused" in report and "below the minimum" in report
+    assert len(webhook.received) == 1 and "Refused" in webhook.received[0]
+    assert "below the minimum" in webhook.received[0]
     # `dvc repro` respects the gate too: the export stage itself refuses.
     repro = run(paths.root, sys.executable, "-m", "dvc", "repro")
     assert repro.returncode != 0 and "not blessed" in repro.stdout + repro.stderr
     assert not paths.onnx_model.exists()
 
 
-def test_a_failing_stage_fails_the_flow_and_names_the_stage(tmp_path, prefect_server):
-    from flows.training import StageFailed, training
-
-    paths = as_dvc_project(make_project(tmp_path / "project"))
+def test_a_failing_stage_fails_the_run_names_the_stage_and_notifies(tmp_path, webhook):
+    overrides = {"flow": {"notify_block": webhook.block_name()}}
+    paths = as_dvc_project(make_project(tmp_path / "project", overrides=overrides))
     shutil.rmtree(paths.data / "3")
     for image in list((paths.data / "4").iterdir())[1:]:
         image.unlink()  # class 4 keeps one image: under data.min_images_per_class
-    with pytest.raises(StageFailed, match="stage validate failed") as error:
-        training(str(paths.root))
-    assert "class '4'" in str(error.value)
+    state = final_state(paths)
+    assert state.is_failed()
+    assert "stage validate failed" in state.message and "class '4'" in state.message
+    report = latest_report()
+    assert "graft training run: Failed" in report and "failed at validate" in report
+    assert len(webhook.received) == 1 and "stage validate failed" in webhook.received[0]
+
+
+def test_a_stage_past_its_time_limit_is_stopped_and_a_rerun_redoes_only_what_is_stale(tmp_path):
+    overrides = {"flow": {"stage_timeouts_s": {"features": 1}}}
+    paths = as_dvc_project(make_project(tmp_path / "project", overrides=overrides))
+    state = final_state(paths)
+    assert state.is_failed() and "stage features ran past its time limit of 1 s" in state.message
+    assert not (paths.features / "train.npz").exists()
+    validated = paths.manifest.stat().st_mtime_ns
+
+    write_params(paths.root, {"flow": {"stage_timeouts_s": {"features": 600}}})
+    state = final_state(paths)
+    assert state.name == "Promoted", state.message
+    assert paths.manifest.stat().st_mtime_ns == validated  # validate was up to date: not re-run
+    assert_dvc_has_nothing_to_do(paths.root)
+
+
+def test_a_transient_dvc_push_failure_is_retried(promoted_project, tmp_path):
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    paths, _ = promoted_project
+    blocker = tmp_path / "storage"
+    blocker.write_text("not a folder yet")  # the remote below cannot be created: push fails
+    dvc(paths.root, "remote", "add", "--local", "--default", "flaky", str(blocker / "remote"))
+
+    def storage_comes_back():  # once the first push has failed and waits for its retry
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+        only_push = TaskRunFilter(name=TaskRunFilterName(any_=["dvc push"]))
+        deadline = time.monotonic() + 600
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = client.read_task_runs(task_run_filter=only_push)
+                if any(run.state and run.state.name == "AwaitingRetry" for run in runs):
+                    break
+                time.sleep(0.2)
+        blocker.unlink()
+        blocker.mkdir()
+
+    threading.Thread(target=storage_comes_back, daemon=True).start()
+    state = final_state(paths)
+    assert state.name == "Promoted", state.message
+    assert any((blocker / "remote").rglob("*")), "nothing reached the remote"
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    push = next(run for run in runs if run.name == "dvc push")
+    assert push.run_count >= 2 and push.state.is_completed()
+    pull = next(run for run in runs if run.name == "dvc pull")
+    assert pull.run_count == 1
 
 
 @pytest.mark.slow
@@ -141,7 +254,7 @@ def test_make_run_trains_a_blessed_model_on_the_sample_offline(tmp_path):
     env = {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": ""}
     flow = run(root, sys.executable, "flows/training.py", env=env)
     assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
-    assert "graft training flow: exported" in flow.stdout
+    assert "graft training flow: promoted" in flow.stdout
 
     paths = ProjectPaths(root)
     evaluation = read_json(paths.metrics / "eval.json")

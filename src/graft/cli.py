@@ -88,6 +88,45 @@ def export(root: Path = ROOT) -> None:
     _run_stage("export", root)
 
 
+@app.command()
+def promote(
+    root: Path = ROOT,
+    force: bool = typer.Option(
+        False, "--force", help="Promote even if the change gates against production fail."
+    ),
+    reason: str = typer.Option(
+        None, "--reason", help="Why a forced promotion is right (required with --force)."
+    ),
+) -> None:
+    """Gate the exported model against production, serve-check it, then switch production."""
+    from graft.config import load_params
+    from graft.paths import ProjectPaths
+    from graft.promotion import promote as promote_model
+
+    try:
+        record = promote_model(root, load_params(ProjectPaths(root).params), force, reason)
+    except GraftError as exc:
+        typer.secho(f"graft promote: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    forced = " (forced: " + record.reason + ")" if record.forced else ""
+    typer.echo(f"Promoted {record.model_sha256[:12]} to production{forced}.")
+
+
+@app.command()
+def rollback(root: Path = ROOT) -> None:
+    """Put the previous production model back."""
+    from graft.config import load_params
+    from graft.paths import ProjectPaths
+    from graft.promotion import rollback as rollback_model
+
+    try:
+        restored = rollback_model(root, load_params(ProjectPaths(root).params))
+    except GraftError as exc:
+        typer.secho(f"graft rollback: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"Rolled back: production is {restored[:12]} again.")
+
+
 # Serving: graft.serving (onnxruntime, FastAPI) is imported inside the commands, so that
 # `graft --help` works without it and the CLI never imports torch on the way to a server.
 def _serving_failed(command: str, exc: GraftError) -> typer.Exit:

@@ -208,14 +208,55 @@ class EvaluateParams(_Section):
 
     min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
     min_macro_f1: float = Field(0.0, ge=0.0, le=1.0)
+    # Change gates against the production model (the champion), applied by ``graft promote``
+    # on the same test images through both ONNX files. Without a champion they do not apply.
+    max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0)
+    max_class_recall_drop: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class ExportParams(_Section):
     """Read by ``export``: the ONNX file and its parity check."""
 
     opset: int = Field(17, ge=13)
-    parity_max_abs_logit: float = Field(1e-3, gt=0.0)
+    parity_max_abs_logit: float = Field(1e-4, gt=0.0)
     parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    int8: bool = True
+    int8_calibration_images: int = Field(128, ge=1)
+    int8_max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+
+
+STAGE_NAMES = ("validate", "features", "train_head", "finetune", "evaluate", "export")
+
+
+class FlowParams(_Section):
+    """Read by the Prefect flow: per-stage time limits and who hears about failures."""
+
+    stage_timeouts_s: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(STAGE_NAMES, 3600.0)
+    )
+    notify_block: str = Field(
+        "", description="name of a saved Prefect notification block; empty: no notification"
+    )
+
+    @field_validator("stage_timeouts_s")
+    @classmethod
+    def _known_stages_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for stage, seconds in value.items():
+            if stage not in STAGE_NAMES:
+                known = ", ".join(STAGE_NAMES)
+                raise ValueError(f"unknown stage {stage!r}; the stages are {known}")
+            if seconds <= 0:
+                raise ValueError(f"the time limit of stage {stage!r} must be positive")
+        return {**dict.fromkeys(STAGE_NAMES, 3600.0), **value}
+
+
+class PromoteParams(_Section):
+    """Read by ``graft promote``: where production lives and how the infra check runs."""
+
+    production_dir: str = "models/production"
+    infra_check_images: int = Field(32, ge=1)
+    infra_check_max_prob_diff: float = Field(1e-4, gt=0.0)
+    infra_check_timeout_s: float = Field(120.0, gt=0.0)
 
 
 class Params(_Section):
@@ -226,6 +267,8 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    promote: PromoteParams = PromoteParams()
+    flow: FlowParams = FlowParams()
 
 
 def _describe(error: dict, path: Path) -> str:

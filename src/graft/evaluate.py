@@ -129,7 +129,7 @@ def bless(candidate: str, model: str, metrics: dict[str, Any], params: EvaluateP
     checks, reasons = [], []
     for name, threshold in thresholds.items():
         value = metrics.get(name)
-        valid = isinstance(value, (int, float)) and not math.isnan(value)
+        valid = _finite(value)
         passed = valid and value >= threshold
         checks.append(GateCheck(name, float(value) if valid else None, threshold, passed))
         if not valid:
@@ -137,3 +137,53 @@ def bless(candidate: str, model: str, metrics: dict[str, Any], params: EvaluateP
         elif not passed:
             reasons.append(f"{name} {value:.4f} is below the minimum {threshold:.4f}")
     return Blessing(not reasons, candidate, model, checks, reasons)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def change_checks(
+    challenger: dict[str, Any], champion: dict[str, Any], params: EvaluateParams
+) -> tuple[list[GateCheck], list[str]]:
+    """The change gates: the challenger against the production model on the same test images.
+
+    Accuracy may not fall below the champion's minus ``max_accuracy_drop``, and no class's recall
+    may fall by more than ``max_class_recall_drop``. Models with different label sets cannot be
+    compared, and a missing or NaN metric fails closed.
+    """
+    checks: list[GateCheck] = []
+    reasons: list[str] = []
+    if sorted(challenger.get("per_class", {})) != sorted(champion.get("per_class", {})):
+        reasons.append(
+            "the challenger's labels differ from the production model's, so the change gates "
+            "cannot compare them; promote with --force and a --reason if the change is intended"
+        )
+        return checks, reasons
+    ours, theirs = challenger.get("accuracy"), champion.get("accuracy")
+    if not (_finite(ours) and _finite(theirs)):
+        checks.append(GateCheck("accuracy_vs_production", None, math.nan, False))
+        reasons.append("accuracy of the challenger or the production model is missing or NaN")
+    else:
+        floor = theirs - params.max_accuracy_drop
+        checks.append(GateCheck("accuracy_vs_production", float(ours), floor, ours >= floor))
+        if ours < floor:
+            reasons.append(
+                f"accuracy {ours:.4f} is below the production model's {theirs:.4f} "
+                f"(allowed drop {params.max_accuracy_drop:.4f})"
+            )
+    for label, stats in challenger["per_class"].items():
+        ours, theirs = stats.get("recall"), champion["per_class"][label].get("recall")
+        name = f"recall[{label}]_vs_production"
+        if not (_finite(ours) and _finite(theirs)):
+            checks.append(GateCheck(name, None, math.nan, False))
+            reasons.append(f"recall of class {label!r} is missing or NaN")
+            continue
+        floor = theirs - params.max_class_recall_drop
+        checks.append(GateCheck(name, float(ours), floor, ours >= floor))
+        if ours < floor:
+            reasons.append(
+                f"recall of class {label!r} fell from {theirs:.4f} to {ours:.4f} "
+                f"(allowed drop {params.max_class_recall_drop:.4f})"
+            )
+    return checks, reasons

@@ -13,6 +13,7 @@ def model_card_markdown(
     metadata: dict[str, str],
     metrics: dict[str, Any],
     parity: Parity,
+    int8: dict[str, Any] | None = None,
 ) -> str:
     """Markdown for ``models/model_card.md``; ``metrics`` are the candidate's test metrics."""
     config = spec.data_config
@@ -59,6 +60,8 @@ def model_card_markdown(
         f"ONNX vs torch on the {parity.images} test images: top-1 agreement "
         f"{parity.top1_agreement:.2%}, max |Δ logit| {parity.max_abs_logit_diff:.1e}.",
         "",
+        _int8_line(int8),
+        "",
         "## Intended use",
         "",
         "Sorting images like the training images (the same kinds of subject, capture and "
@@ -75,3 +78,14 @@ def model_card_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _int8_line(int8: dict[str, Any] | None) -> str:
+    if not int8 or "int8_test_accuracy" not in int8:
+        return "No INT8 model was made (`export.int8` is off)."
+    where = "kept as `models/int8/model.onnx`" if int8["kept"] else "not kept"
+    return (
+        f"INT8 (static QDQ, calibrated on {int8['calibration_images']} training images): test "
+        f"accuracy {int8['int8_test_accuracy']:.4f} against fp32's "
+        f"{int8['fp32_test_accuracy']:.4f}, {int8['size_ratio']:.1f}x smaller; {where}."
+    )

@@ -64,6 +64,11 @@ class ProjectPaths:
         return self.root / "models" / "model.onnx"
 
     @property
+    def int8_dir(self) -> Path:
+        """The INT8 model (``model.onnx``, only when kept) and ``decision.json``."""
+        return self.root / "models" / "int8"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 

@@ -162,44 +162,106 @@ def evaluation_markdown(
     return "\n".join(lines)
 
 
-def run_report_markdown(paths: ProjectPaths, outcome: str) -> str:
-    """The flow run's report: validation counts, both models, the gate and export parity."""
+def run_report_markdown(
+    paths: ProjectPaths,
+    outcome: str,
+    reasons: list[str],
+    stages_done: list[str],
+    promotion: dict[str, Any] | None = None,
+) -> str:
+    """The flow run's report: its outcome and why, then what each stage that ran produced
+    (validation counts, head-only vs fine-tuned, the gate, export parity, what was promoted)."""
 
     def load(path: Path) -> dict[str, Any]:
         return read_json(path) if path.is_file() else {}
 
-    validation = load(paths.metrics / "validation.json")
-    head, finetune = load(paths.metrics / "head.json"), load(paths.metrics / "finetune.json")
-    evaluation, export = load(paths.metrics / "eval.json"), load(paths.metrics / "export.json")
-    blessing = load(paths.blessing)
     lines = [f"# graft training run: {outcome}", ""]
-    if validation:
+    lines += [f"- {reason}" for reason in reasons]
+    lines += [
+        "",
+        "Stages run (DVC skips those already up to date): " + (", ".join(stages_done) or "none"),
+        "",
+    ]
+    if "validate" in stages_done:
+        validation = load(paths.metrics / "validation.json")
         lines += [
             f"Data: {validation.get('images')} images, {validation.get('ok')} usable, "
             f"{validation.get('quarantined')} quarantined, {validation.get('classes')} classes.",
             "",
         ]
-    lines += ["| model | val accuracy | test accuracy | test macro-F1 |", "|---|---|---|---|"]
-    val_of = {"head": head.get("val_accuracy"), "finetuned": finetune.get("val_accuracy")}
-    for name, val in val_of.items():
-        test = evaluation.get(name, {})
-        cells = [val, test.get("accuracy"), test.get("macro_f1")]
-        lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
-    lines += [
-        "",
-        f"Candidate: `{blessing.get('candidate')}`; gate passed: {blessing.get('passed')}.",
-    ]
-    lines += [f"- {reason}" for reason in blessing.get("reasons", [])]
-    if outcome == "exported" and export:
-        parity = export["parity"]
+    if "evaluate" in stages_done:
+        head, finetune = load(paths.metrics / "head.json"), load(paths.metrics / "finetune.json")
+        evaluation, blessing = load(paths.metrics / "eval.json"), load(paths.blessing)
+        lines += ["| model | val accuracy | test accuracy | test macro-F1 |", "|---|---|---|---|"]
+        val_of = {"head": head.get("val_accuracy"), "finetuned": finetune.get("val_accuracy")}
+        for name, val in val_of.items():
+            test = evaluation.get(name, {})
+            cells = [val, test.get("accuracy"), test.get("macro_f1")]
+            lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
         lines += [
             "",
-            f"Exported `models/model.onnx`: parity on {parity['images']} test images, "
-            f"max |Δ logit| "
-            f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}.",
+            f"Candidate: `{blessing.get('candidate')}`; value gates passed: "
+            f"{blessing.get('passed')}.",
         ]
+        for check in blessing.get("checks", []):
+            mark = "passed" if check["passed"] else "**failed**"
+            lines.append(
+                f"- {check['name']} {_fmt(check['value'])} (minimum {check['threshold']}): {mark}"
+            )
+    if "export" in stages_done:
+        export = load(paths.metrics / "export.json")
+        parity = export.get("parity", {})
+        int8 = export.get("int8") or {}
+        lines += [
+            "",
+            f"Exported `models/model.onnx`: parity on {parity.get('images')} test images, "
+            f"max |Δ logit| {parity.get('max_abs_logit_diff', float('nan')):.2e}, "
+            f"top-1 agreement {parity.get('top1_agreement', float('nan')):.2%}. "
+            f"INT8: {int8.get('reason', 'not made')}.",
+        ]
+    if promotion:
+        lines += ["", promotion_markdown(promotion).replace("# Promotion", "## Promotion", 1)]
     return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}"
+
+
+def promotion_markdown(record: dict[str, Any]) -> str:
+    """``reports/promotion.md``: what was compared, what each gate said, and what happened."""
+    verdict = "PROMOTED" if record["promoted"] else "REFUSED"
+    if record["promoted"] and record["forced"]:
+        verdict = "PROMOTED BY FORCE"
+    lines = [f"# Promotion: {verdict}", "", f"Challenger sha256 `{record['model_sha256']}`."]
+    if record["forced"]:
+        lines += ["", f"**Forced** past failing gates. Reason given: {record['reason']}"]
+    champion = record.get("champion_metrics")
+    lines += ["", "| model | test accuracy | macro-F1 |", "|---|---|---|"]
+    lines.append(
+        f"| challenger | {_fmt(record['metrics'].get('accuracy'))} | "
+        f"{_fmt(record['metrics'].get('macro_f1'))} |"
+    )
+    if champion:
+        lines.append(
+            f"| production (`{record['previous_sha256'][:12]}`) | "
+            f"{_fmt(champion.get('accuracy'))} | {_fmt(champion.get('macro_f1'))} |"
+        )
+    else:
+        lines += ["", "Nothing was in production: only the value gates applied."]
+    if record["checks"]:
+        lines += ["", "| change gate | value | threshold | passed |", "|---|---|---|---|"]
+        for check in record["checks"]:
+            lines.append(
+                f"| {check['name']} | {_fmt(check['value'])} | {_fmt(check['threshold'])} | "
+                f"{'yes' if check['passed'] else '**no**'} |"
+            )
+    lines += [f"- {reason}" for reason in record["reasons"]]
+    infra = record.get("infra_check")
+    if infra:
+        lines += [
+            "",
+            f"Infra check (`graft serve` on loopback): "
+            f"{'passed' if infra['passed'] else '**failed**'} — {infra['detail']}.",
+        ]
+    return "\n".join(lines) + "\n"
