@@ -70,6 +70,7 @@ test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 
 bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py
+	$(BIN)/python bench/train.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/serve.py

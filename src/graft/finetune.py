@@ -333,8 +333,8 @@ class _PolicyRun:
     def evaluate(self, top: _Top) -> tuple[float, float]:
         """(val loss, val accuracy) of the model in eval mode."""
         self.model.eval()
-        with torch.inference_mode(), self._autocast():
-            logits = torch.cat([top(chunk).float() for chunk in self.data.val.split(256)])
+        with torch.inference_mode():  # fp32 even under AMP: epoch 0 must score what the head did
+            logits = torch.cat([top(chunk.float()) for chunk in self.data.val.split(256)])
         labels = self.data.val_labels
         return float(nn.functional.cross_entropy(logits, labels)), accuracy(logits, labels)
 
