@@ -153,6 +153,6 @@ def test_deployed_flow_runs_on_a_worker_without_overlapping_and_leaves_dvc_clean
         assert report["data"].startswith("# graft training run: Promoted")
     assert (paths.root / "models" / "production" / "model.onnx").is_file()
     assert_dvc_has_nothing_to_do(paths.root)
-    assert "up to date" in dvc(paths.root, "status", "--cloud").stdout.lower()  # pushed
+    assert "in sync" in dvc(paths.root, "status", "--cloud").stdout  # everything was pushed
     lock = yaml.safe_load((paths.root / "dvc.lock").read_text())
     assert set(lock["stages"]) >= {"validate", "export"}

@@ -141,23 +141,30 @@ def test_flow_runs_every_stage_through_dvc_promotes_and_leaves_nothing_to_do(pro
     assert "Infra check (`graft serve` on loopback): passed" in report
 
 
-def test_a_gate_refusal_is_its_own_outcome_and_notifies(tmp_path, webhook):
+def copy_of(project: ProjectPaths, dest: Path) -> ProjectPaths:
+    """A copy of a DVC project that has run (its cache, lock and production folder included)."""
+    return ProjectPaths(shutil.copytree(project.root, dest, symlinks=True))
+
+
+def test_a_gate_refusal_is_its_own_outcome_and_notifies(promoted_project, tmp_path, webhook):
+    paths = copy_of(promoted_project[0], tmp_path / "project")
+    production = paths.root / "models" / "production" / "model.onnx"
+    before = production.read_bytes()
     overrides = {"evaluate": {"min_accuracy": 1.0}, "flow": {"notify_block": webhook.block_name()}}
-    paths = as_dvc_project(make_project(tmp_path / "project", overrides=overrides))
+    write_params(paths.root, overrides)
     state = final_state(paths)
     assert state.is_completed() and state.name == "Refused"
     assert "below the minimum" in state.message
-    assert not paths.onnx_model.exists()
-    assert not (paths.root / "models" / "production").exists()
-    assert "export" not in yaml.safe_load((paths.root / "dvc.lock").read_text())["stages"]
+    assert production.read_bytes() == before  # a refusal never touches production
     report = latest_report()
     assert "graft training run: Refused" in report and "below the minimum" in report
+    assert "Stages run (DVC skips those already up to date): validate" in report
     assert len(webhook.received) == 1 and "Refused" in webhook.received[0]
     assert "below the minimum" in webhook.received[0]
     # `dvc repro` respects the gate too: the export stage itself refuses.
     repro = run(paths.root, sys.executable, "-m", "dvc", "repro")
     assert repro.returncode != 0 and "not blessed" in repro.stdout + repro.stderr
-    assert not paths.onnx_model.exists()
+    assert production.read_bytes() == before
 
 
 def test_a_failing_stage_fails_the_run_names_the_stage_and_notifies(tmp_path, webhook):
@@ -174,18 +181,22 @@ def test_a_failing_stage_fails_the_run_names_the_stage_and_notifies(tmp_path, we
     assert len(webhook.received) == 1 and "stage validate failed" in webhook.received[0]
 
 
-def test_a_stage_past_its_time_limit_is_stopped_and_a_rerun_redoes_only_what_is_stale(tmp_path):
-    overrides = {"flow": {"stage_timeouts_s": {"features": 1}}}
-    paths = as_dvc_project(make_project(tmp_path / "project", overrides=overrides))
+def test_a_stage_past_its_time_limit_is_stopped_and_a_rerun_redoes_only_what_is_stale(
+    promoted_project, tmp_path
+):
+    paths = copy_of(promoted_project[0], tmp_path / "project")
+    embedded = (paths.features / "train.npz").stat().st_mtime_ns
+    slow = {"finetune": {"seed": 7}, "flow": {"stage_timeouts_s": {"finetune": 1}}}
+    write_params(paths.root, slow)  # a new seed makes finetune and what follows it stale
     state = final_state(paths)
-    assert state.is_failed() and "stage features ran past its time limit of 1 s" in state.message
-    assert not (paths.features / "train.npz").exists()
-    validated = paths.manifest.stat().st_mtime_ns
+    assert state.is_failed() and "stage finetune ran past its time limit of 1 s" in state.message
+    assert "failed at finetune" in latest_report()
 
-    write_params(paths.root, {"flow": {"stage_timeouts_s": {"features": 600}}})
+    write_params(paths.root, {"finetune": {"seed": 7}})
     state = final_state(paths)
     assert state.name == "Promoted", state.message
-    assert paths.manifest.stat().st_mtime_ns == validated  # validate was up to date: not re-run
+    assert (paths.features / "train.npz").stat().st_mtime_ns == embedded  # not re-run
+    assert yaml.safe_load((paths.root / "dvc.lock").read_text())["stages"]["finetune"]
     assert_dvc_has_nothing_to_do(paths.root)
 
 
@@ -196,7 +207,7 @@ def test_a_transient_dvc_push_failure_is_retried(promoted_project, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    paths, _ = promoted_project
+    paths = copy_of(promoted_project[0], tmp_path / "project")
     blocker = tmp_path / "storage"
     blocker.write_text("not a folder yet")  # the remote below cannot be created: push fails
     dvc(paths.root, "remote", "add", "--local", "--default", "flaky", str(blocker / "remote"))
