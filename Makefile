@@ -74,6 +74,7 @@ bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/infer.py
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check src flows tests
@@ -83,5 +84,6 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix src flows tests
 	$(BIN)/ruff format src flows tests
 
-clean:  ## remove pipeline outputs (never data/)
-	rm -rf artifacts models metrics plots reports dvclive .pytest_cache
+clean:  ## remove pipeline outputs (never data/, never models/production/)
+	rm -rf artifacts metrics plots reports dvclive .pytest_cache
+	find models -mindepth 1 -maxdepth 1 ! -name production -exec rm -rf {} + 2>/dev/null || true
