@@ -11,6 +11,7 @@ from graft.config import EvaluateParams
 from graft.evaluate import (
     bless,
     bootstrap_accuracy_interval,
+    change_checks,
     classification_metrics,
     expected_calibration_error,
     select_candidate,
@@ -79,3 +80,50 @@ def test_the_gate_passes_only_at_or_above_every_threshold():
     assert not refused.passed
     assert refused.reasons == ["accuracy 0.8900 is below the minimum 0.9000"]
     assert not math.isnan(refused.checks[0].value)
+
+
+def _with_recalls(accuracy, recalls):
+    return {"accuracy": accuracy, "per_class": {k: {"recall": v} for k, v in recalls.items()}}
+
+
+def test_change_gates_pass_an_equal_or_better_challenger():
+    champion = _with_recalls(0.90, {"a": 0.9, "b": 0.9})
+    checks, reasons = change_checks(
+        _with_recalls(0.92, {"a": 0.95, "b": 0.89}), champion, EvaluateParams()
+    )
+    assert reasons == [] and all(check.passed for check in checks)
+    assert [check.name for check in checks] == [
+        "accuracy_vs_production",
+        "recall[a]_vs_production",
+        "recall[b]_vs_production",
+    ]
+
+
+def test_change_gates_refuse_a_lower_accuracy_or_a_class_that_got_much_worse():
+    champion = _with_recalls(0.90, {"a": 0.9, "b": 0.9})
+    _, reasons = change_checks(
+        _with_recalls(0.89, {"a": 0.98, "b": 0.80}),
+        champion,
+        EvaluateParams(max_accuracy_drop=0.0, max_class_recall_drop=0.05),
+    )
+    assert any("below the production model's 0.9000" in reason for reason in reasons)
+    assert any("recall of class 'b' fell from 0.9000 to 0.8000" in reason for reason in reasons)
+    _, reasons = change_checks(
+        _with_recalls(0.89, {"a": 0.9, "b": 0.88}),
+        champion,
+        EvaluateParams(max_accuracy_drop=0.02, max_class_recall_drop=0.05),
+    )
+    assert reasons == []  # within both margins
+
+
+def test_change_gates_fail_closed_on_nan_and_on_different_labels():
+    champion = _with_recalls(0.90, {"a": 0.9, "b": 0.9})
+    checks, reasons = change_checks(
+        _with_recalls(math.nan, {"a": 0.9, "b": math.nan}), champion, EvaluateParams()
+    )
+    assert not any(check.passed for check in checks if check.value is None)
+    assert "missing or NaN" in reasons[0] and "class 'b' is missing or NaN" in reasons[1]
+    _, reasons = change_checks(
+        _with_recalls(0.99, {"a": 1.0, "c": 1.0}), champion, EvaluateParams()
+    )
+    assert len(reasons) == 1 and "labels differ" in reasons[0] and "--force" in reasons[0]

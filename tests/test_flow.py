@@ -271,8 +271,14 @@ def test_make_run_trains_a_blessed_model_on_the_sample_offline(tmp_path):
     evaluation = read_json(paths.metrics / "eval.json")
     assert evaluation["accuracy"] >= 0.95
     assert {"head", "finetuned"} <= set(evaluation)
-    parity = read_json(paths.metrics / "export.json")["parity"]
-    assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-3
+    exported = read_json(paths.metrics / "export.json")
+    parity = exported["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4
     assert parity["images"] == evaluation["test_images"] > 200
-    assert paths.onnx_model.is_file()
+    int8 = exported["int8"]
+    assert int8["kept"] and int8["fp32_test_accuracy"] - int8["int8_test_accuracy"] <= 0.01
+    assert (paths.int8_dir / "model.onnx").is_file()
+    production = root / "models" / "production"
+    assert (production / "model.onnx").read_bytes() == paths.onnx_model.read_bytes()
+    assert read_json(production / "promotion.json")["infra_check"]["top1_agreement"] == 1.0
     assert_dvc_has_nothing_to_do(root)

@@ -135,6 +135,14 @@ def test_a_failed_infra_check_blocks_promotion(project):
     assert "**failed**" in (project.root / "reports" / "promotion.md").read_text()
 
 
+def test_a_failing_value_gate_blocks_promotion(project):
+    write_params(project.root, {"evaluate": {"min_accuracy": 1.0}})
+    evaluate.main(project.root)  # the new blessing fails; the old export is still on disk
+    with pytest.raises(PromotionRefused, match="not the export of the current blessing"):
+        _promote(project)
+    assert not (production(project) / "model.onnx").exists()
+
+
 def test_an_export_that_is_not_the_current_blessing_is_refused(project):
     blessing = read_json(project.blessing)
     project.blessing.write_text(json.dumps(dict(blessing, reasons=["edited after export"])))
