@@ -160,6 +160,20 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path: Path
 
     with pytest.raises(Killed):
         run(digits, params, checkpoint_dir=tmp_path / "b", on_epoch=kill_after_epoch_3)
+    (saved,) = (tmp_path / "b").glob("*.resume.pt")
+    checkpoint = torch.load(saved, weights_only=True)
+    assert (checkpoint["state"]["epoch"], checkpoint["state"]["phase"]) == (3, 1)
+    assert {n.split(".")[1] for n in checkpoint["trainable"] if n.startswith("blocks.")} == {
+        "3",
+        "4",
+    }
+    assert {n.split(".")[1] for n in checkpoint["frozen"] if n.startswith("blocks.")} == {
+        "0",
+        "1",
+        "2",
+    }
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert len({group["lr_scale"] for group in groups}) > 1  # layer-wise decay
     resumed, _ = run(digits, params, checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_at_epoch == 3  # mid-phase 2
     assert len(resumed.history) == len(uninterrupted.history) == 5
@@ -248,3 +262,8 @@ def test_the_augmentation_never_flips_by_default_and_keeps_the_input_size(digits
 
     image = load_image(digits["train"][0][0])
     assert tuple(transform(image).shape) == tuple(digits["data_config"]["input_size"])
+
+
+def test_a_phase_of_zero_epochs_is_skipped(digits):
+    result, _ = run(digits, settings(unfreeze_blocks=[1, 2], epochs=[0, 1]))
+    assert [(r["epoch"], r["phase"], r["blocks"]) for r in result.history[1:]] == [(1, 2, 2)]

@@ -409,6 +409,9 @@ class _PolicyRun:
         phases = params.phases
         while state["phase"] < len(phases) and state["stopped"] == "completed":
             blocks, epochs = phases[state["phase"]]
+            if epochs == 0:  # a phase switched off
+                state["phase"] += 1
+                continue
             top, names = self.set_phase(blocks)
             optimizer = create_optimizer_v2(
                 model,
@@ -536,6 +539,7 @@ def _save_resumable(path, identity, model, state, names, optimizer, scheduler) -
             "best_state": {k: v.detach().cpu() for k, v in state["best_state"].items()},
         },
         "trainable": names,
+        "frozen": sorted(set(dict(model.named_parameters())) - set(names)),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "random": _random_state(),
