@@ -127,6 +127,67 @@ def rollback(root: Path = ROOT) -> None:
     typer.echo(f"Rolled back: production is {restored[:12]} again.")
 
 
+@app.command("select-backbone")
+def select_backbone(
+    root: Path = ROOT,
+    apply: bool = typer.Option(
+        False, "--apply", help="Write the best candidate into params.yaml (backbone.* only)."
+    ),
+) -> None:
+    """Rank the select.candidates backbones by quick probes on val against time per image."""
+    from graft.config import load_params
+    from graft.paths import ProjectPaths
+    from graft.selection import BACKBONE_KEYS, run_selection
+
+    try:
+        params = load_params(ProjectPaths(root).params)
+        report, applied = run_selection(root, params, apply)
+    except GraftError as exc:
+        typer.secho(f"graft select-backbone: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    for row in report["ranking"]:
+        typer.echo(
+            f"{row['rank']}. {row['name']} ({row['weights']}): val accuracy "
+            f"{row['val_accuracy']:.4f} ({row['best_probe']}), {row['ms_per_image']:.2f} ms/image, "
+            f"{row['parameters'] / 1e6:.2f} M parameters"
+        )
+    best = report["best"]
+    if not report["change_needed"]:
+        typer.echo("params.yaml already uses the best candidate: nothing to change.")
+    elif applied:
+        typer.echo(f"Applied: params.yaml now has backbone {best['name']} ({best['weights']}).")
+    else:
+        lines = "\n".join(
+            f"  {key}: {best[key] if best[key] is not None else 'null'}" for key in BACKBONE_KEYS
+        )
+        typer.echo(
+            f"To use the best candidate, set in params.yaml (or rerun with --apply):\n"
+            f"backbone:\n{lines}"
+        )
+    typer.echo(f"Report: {root / 'reports' / 'backbone_selection.md'}")
+
+
+@app.command()
+def kshot(root: Path = ROOT) -> None:
+    """Test accuracy with k train images per class (kshot.k), over kshot.seeds draws."""
+    from graft.config import load_params
+    from graft.kshot import run_kshot
+    from graft.paths import ProjectPaths
+
+    try:
+        report = run_kshot(root, load_params(ProjectPaths(root).params))
+    except GraftError as exc:
+        typer.secho(f"graft kshot: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    for point in report["curve"]:
+        cells = ", ".join(
+            f"{head} {point[head]['mean']:.4f} ± {point[head]['std']:.4f}"
+            for head in ("prototype", "probe")
+        )
+        typer.echo(f"k={point['k']}: {cells}")
+    typer.echo(f"{report['test_images']} test images; report: {root / 'reports' / 'kshot.md'}")
+
+
 # Serving: graft.serving (onnxruntime, FastAPI) is imported inside the commands, so that
 # `graft --help` works without it and the CLI never imports torch on the way to a server.
 def _serving_failed(command: str, exc: GraftError) -> typer.Exit:

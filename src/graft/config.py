@@ -7,7 +7,7 @@ values a user changes, and a typo fails before any work with a message naming th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -43,6 +43,11 @@ class DataParams(_Section):
         0.2, ge=0.0, le=1.0, description="Jensen-Shannon distance of width/height/brightness"
     )
     drift_gate: bool = Field(False, description="refuse data that drifts beyond the two above")
+    few_shot: bool = Field(
+        False,
+        description="1-5 images per class: the minimum becomes 1, every class keeps a train "
+        "image, val may be empty, the head is a prototype or a regularised probe (fewshot.*)",
+    )
 
     @field_validator("test_fraction")
     @classmethod
@@ -259,6 +264,66 @@ class PromoteParams(_Section):
     infra_check_timeout_s: float = Field(120.0, gt=0.0)
 
 
+class FewShotParams(_Section):
+    """Read by ``train_head`` and ``finetune`` when ``data.few_shot`` is on."""
+
+    probe_c: float = Field(
+        10.0, gt=0.0, description="inverse L2 strength of the logistic probe on unit vectors"
+    )
+    min_val_per_class: int = Field(
+        2, ge=1, description="fewer val images in a class: choose the head by leave-one-out"
+    )
+    finetune_min_images_per_class: int = Field(
+        20, ge=1, description="fine-tuning is skipped when a class has fewer train images"
+    )
+    seed: int = 0
+
+
+class BackboneCandidate(_Section):
+    """One backbone ``graft select-backbone`` measures."""
+
+    name: str
+    weights: str = "packaged"
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    _known_source = field_validator("weights")(BackboneParams._known_source.__func__)
+
+
+class SelectParams(_Section):
+    """Read by ``graft select-backbone``: the candidates and their quick probes."""
+
+    candidates: list[BackboneCandidate] = Field(
+        default_factory=lambda: [
+            BackboneCandidate(name="tf_efficientnet_lite0", weights="packaged"),
+            BackboneCandidate(name="tf_efficientnet_lite0", weights="random"),
+        ]
+    )
+    knn_k: int = Field(5, ge=1, description="neighbours of the k-NN probe (cosine distance)")
+    logreg_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic probe")
+    timing_images: int = Field(32, ge=1, description="train images timed per candidate")
+
+    @field_validator("candidates")
+    @classmethod
+    def _some_candidates(cls, candidates: list[BackboneCandidate]) -> list[BackboneCandidate]:
+        if not candidates:
+            raise ValueError("list at least one backbone: {name: ..., weights: ...}")
+        return candidates
+
+
+class KShotParams(_Section):
+    """Read by ``graft kshot``: the data-efficiency curve on cached features."""
+
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    seeds: int = Field(5, ge=1, description="random draws of k images per class for each k")
+
+    @field_validator("k")
+    @classmethod
+    def _positive_ks(cls, k: list[int]) -> list[int]:
+        if not k or min(k) < 1:
+            raise ValueError(f"list k values of at least 1, got {k}")
+        return sorted(set(k))
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
@@ -269,6 +334,9 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
     flow: FlowParams = FlowParams()
+    fewshot: FewShotParams = FewShotParams()
+    select: SelectParams = SelectParams()
+    kshot: KShotParams = KShotParams()
 
 
 def _describe(error: dict, path: Path) -> str:
@@ -277,7 +345,10 @@ def _describe(error: dict, path: Path) -> str:
         section, _, _ = key.rpartition(".")
         model = Params
         for part in section.split(".") if section else []:
+            if part.isdigit():  # an item of a list of sections, e.g. select.candidates.0
+                continue
             model = model.model_fields[part].annotation
+            model = next((arg for arg in get_args(model) if hasattr(arg, "model_fields")), model)
         known = ", ".join(sorted(model.model_fields))
         return f"{path}: unknown key '{key}'. Known keys here: {known}."
     return f"{path}: key '{key}': {error['msg']} (got {error.get('input')!r})."

@@ -73,6 +73,10 @@ def make_head(in_features: int, num_classes: int, architecture: dict[str, Any]) 
             nn.Dropout(float(architecture["dropout"])),
             nn.Linear(hidden, num_classes),
         )
+    if kind == "l2_linear":  # the few-shot heads (graft.fewshot): Linear on unit-length features
+        from graft.fewshot import l2_linear_head
+
+        return l2_linear_head(in_features, num_classes)
     raise HeadError(f"Unknown head kind {kind!r}: use head.kind linear or mlp.")
 
 

@@ -187,7 +187,11 @@ def _refuse_empty_splits(
     data_dir: Path, layout: Layout, manifest: pd.DataFrame, params: DataParams
 ) -> None:
     ok = manifest[manifest["status"] == "ok"]
-    val_expected = "val" in layout.split_folders or params.val_fraction > 0
+    # Few-shot: a class of 1-2 images may have none to spare for val; the head is then chosen
+    # by leave-one-out (graft.fewshot), so only train and test must have images.
+    val_expected = not params.few_shot and (
+        "val" in layout.split_folders or params.val_fraction > 0
+    )
     required = [split for split in SPLITS if split != "val" or val_expected]
     empty = [split for split in required if not (ok["split"] == split).any()]
     if not empty:

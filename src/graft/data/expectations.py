@@ -224,11 +224,16 @@ def _manifest_suite(gx: Any, *, labels: Sequence[str], params: DataParams) -> li
         ),
         expect.ExpectColumnValuesToBeBetween(
             column=CLASS_IMAGES,
-            min_value=params.min_images_per_class,
+            min_value=minimum_images_per_class(params),
             row_condition=is_ok,
             description=(
                 "class under the minimum: every class has at least "
-                f"data.min_images_per_class = {params.min_images_per_class} usable images"
+                + (
+                    "1 usable image (data.few_shot: true)"
+                    if params.few_shot
+                    else f"data.min_images_per_class = {params.min_images_per_class} usable "
+                    "images (data.few_shot: false)"
+                )
             ),
             meta={"fix": _SMALL_CLASS_FIX, "per_class": "class {label} has {value} usable images"},
         ),
@@ -260,8 +265,14 @@ def _manifest_suite(gx: Any, *, labels: Sequence[str], params: DataParams) -> li
 
 _SMALL_CLASS_FIX = (
     "Add images to those class folders, remove the folders, or lower "
-    "data.min_images_per_class in params.yaml."
+    "data.min_images_per_class in params.yaml; with only 1-5 images per class, set "
+    "data.few_shot: true (a prototype head, no fine-tuning)."
 )
+
+
+def minimum_images_per_class(params: DataParams) -> int:
+    """Few-shot mode accepts a single image per class; otherwise data.min_images_per_class."""
+    return 1 if params.few_shot else params.min_images_per_class
 
 
 def _summarise(result: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from PIL import ImageStat
 from graft.config import DataParams
 from graft.data.images import ImageRejected, decode_image
 from graft.data.layout import ImageFile, Layout, discover_images
-from graft.data.splits import assign_split
+from graft.data.splits import assign_split, split_position
 from graft.errors import GraftError
 from graft.files import write_text_atomic
 from graft.progress import progress
@@ -85,7 +85,12 @@ def build_manifest(
     has_val_folder = "val" in layout.split_folders
     for image, row in zip(images, rows, strict=True):
         row["split"] = _split_of(image, row["sha256"], params, has_val_folder)
-    return _quarantine_duplicates(_as_frame(rows))
+    manifest = _quarantine_duplicates(_as_frame(rows))
+    if params.few_shot:
+        hashed = [image.split is None or image.split == "train" for image in images]
+        movable = pd.Series(hashed, index=[image.relative for image in images])
+        manifest = give_every_class_a_train_image(manifest, params.seed, movable)
+    return manifest
 
 
 def _describe(image: ImageFile, params: DataParams) -> dict:
@@ -133,6 +138,29 @@ def _split_of(image: ImageFile, sha256: str, params: DataParams, has_val_folder:
     if image.split == "train" and not has_val_folder:
         return assign_split(key, params.seed, params.val_fraction, 0.0)
     return image.split
+
+
+def give_every_class_a_train_image(
+    manifest: pd.DataFrame, seed: int, movable: pd.Series
+) -> pd.DataFrame:
+    """Few-shot split rule: a class whose images all hashed into val/test gets one back.
+
+    Of such a class's usable images whose split came from the hash (not a fixed split folder),
+    the one whose hash position lies nearest the train range moves to train. Other classes
+    keep the plain hash split, so adding images still moves nothing unless it is what gives a
+    class its first train image.
+    """
+    ok = manifest[manifest["status"] == "ok"]
+    has_train = set(ok.loc[ok["split"] == "train", "label"])
+    for label, rows in ok.groupby("label", sort=True):
+        if label in has_train:
+            continue
+        rows = rows[rows["path"].map(movable).fillna(False).astype(bool)]
+        if rows.empty:
+            continue  # fixed split folders: the expectation names the class
+        positions = rows["sha256"].map(lambda sha: split_position(sha, seed))
+        manifest.loc[positions.idxmax(), "split"] = "train"
+    return manifest
 
 
 def _quarantine_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from graft.classifier import (
 )
 from graft.config import load_params
 from graft.data.manifest import read_manifest
+from graft.fewshot import finetune_skip_reason
 from graft.files import write_json, write_text_atomic
 from graft.finetune import (
     FinetuneResult,
@@ -48,7 +49,10 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     head = load_checkpoint(paths.head_model)
     model = build_classifier(head)
     spec = head.spec
-    run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0
+    skip = finetune_skip_reason(read_manifest(paths.manifest), params)
+    if skip:
+        print(skip)
+    run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0 and not skip
     if run:
         check_schedule(model, settings)  # before any work
         manifest = read_manifest(paths.manifest)

@@ -21,9 +21,12 @@ def main(root: Path = Path(".")) -> HeadResult:
     spec = load_spec(paths)
     train = load_feature_set(paths.features / "train.npz")
     val = load_feature_set(paths.features / "val.npz")
-    result = train_head(
-        train.features, train.labels, val.features, val.labels, len(spec.labels), params.head
-    )
+    fit, settings = train_head, params.head
+    if params.data.few_shot:  # prototypes or a regularised probe, chosen on held-out images
+        from graft.fewshot import train_fewshot_head
+
+        fit, settings = train_fewshot_head, params.fewshot
+    result = fit(train.features, train.labels, val.features, val.labels, len(spec.labels), settings)
     info = {
         "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy,
@@ -33,7 +36,8 @@ def main(root: Path = Path(".")) -> HeadResult:
     write_json(
         paths.metrics / "head.json",
         {
-            "kind": params.head.kind,
+            "kind": result.architecture["kind"],
+            "few_shot": result.architecture.get("few_shot"),
             "train_accuracy": result.train_accuracy,
             "val_accuracy": result.val_accuracy,
             "best_epoch": result.best_epoch,
@@ -42,7 +46,7 @@ def main(root: Path = Path(".")) -> HeadResult:
     )
     write_live_log(paths.root / "dvclive" / "train_head", result.history)
     print(
-        f"head ({params.head.kind}): val accuracy {result.val_accuracy:.4f} (best epoch "
+        f"head ({result.architecture['kind']}): val accuracy {result.val_accuracy:.4f} (best epoch "
         f"{result.best_epoch} of {len(result.history)}), train accuracy "
         f"{result.train_accuracy:.4f}"
     )

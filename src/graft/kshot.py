@@ -1,0 +1,211 @@
+"""The data-efficiency curve: test accuracy with k training images per class, over seeds.
+
+For each k of ``kshot.k`` and each of ``kshot.seeds`` draws, k images per class are sampled from
+train (all of a class's images when it has fewer: the report says so), the two few-shot heads
+of :mod:`graft.fewshot` (cosine prototypes and the regularised probe) are fit on their cached
+features, and both are scored on the whole test split. Nothing is embedded twice: the features
+come from the cache, so the curve costs seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graft.config import Params
+from graft.data.manifest import read_manifest
+from graft.embedding import embed
+from graft.errors import GraftError
+from graft.evaluate import bootstrap_accuracy_interval
+from graft.features import FeatureSet
+from graft.fewshot import fit_probe, fit_prototypes
+from graft.files import write_json, write_text_atomic
+from graft.paths import ProjectPaths
+
+HEADS = ("prototype", "probe")
+
+
+class KShotError(GraftError):
+    """The k-shot curve cannot be drawn from this data."""
+
+
+def sample_k_per_class(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``k`` images of each class (every image of a smaller class), sorted."""
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def kshot_curve(
+    train: FeatureSet,
+    test: FeatureSet,
+    num_classes: int,
+    ks: list[int],
+    seeds: int,
+    probe_c: float,
+) -> list[dict[str, Any]]:
+    """Per k: each head's test accuracy per seed, with mean, standard deviation, min and max."""
+    smallest = int(np.bincount(train.labels, minlength=num_classes).min())
+    curve = []
+    for k in ks:
+        accuracies: dict[str, list[float]] = {head: [] for head in HEADS}
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, k])
+            index = sample_k_per_class(train.labels, k, rng)
+            x, y = train.features[index], train.labels[index]
+            heads = {"prototype": fit_prototypes(x, y, num_classes)}
+            heads["probe"] = (
+                fit_probe(x, y, num_classes, probe_c, seed) if len(np.unique(y)) > 1 else None
+            )
+            for name, weights in heads.items():
+                hits = (
+                    weights.logits(test.features).argmax(axis=1) == test.labels
+                    if weights is not None
+                    else np.zeros(len(test), dtype=bool)
+                )
+                accuracies[name].append(float(hits.mean()))
+        curve.append(
+            {
+                "k": k,
+                "capped": k > smallest,  # some class has fewer than k train images
+                "train_images_per_seed": int(len(index)),
+                **{name: _spread(values) for name, values in accuracies.items()},
+            }
+        )
+    return curve
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    array = np.asarray(values)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "runs": [round(value, 6) for value in values],
+    }
+
+
+def kshot_report(
+    curve: list[dict[str, Any]], test: FeatureSet, backbone: dict[str, Any], seeds: int
+) -> dict[str, Any]:
+    # What one run's accuracy could vary by from the test images alone (bootstrap, at 50%
+    # accuracy, the widest): the spread across seeds should be read against it.
+    coin = np.arange(len(test)) % 2
+    low, high = bootstrap_accuracy_interval(coin, np.zeros_like(coin))
+    return {
+        "backbone": backbone,
+        "seeds": seeds,
+        "test_images": len(test),
+        "test_interval_width_at_50pct": high - low,
+        "curve": curve,
+    }
+
+
+def kshot_markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for point in report["curve"]:
+        cells = [
+            f"{point[h]['mean']:.4f} ± {point[h]['std']:.4f} "
+            f"({point[h]['min']:.3f}–{point[h]['max']:.3f})"
+            for h in HEADS
+        ]
+        capped = " (capped: a class has fewer)" if point["capped"] else ""
+        rows.append(
+            f"| {point['k']}{capped} | {point['train_images_per_seed']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    backbone = report["backbone"]
+    return "\n".join(
+        [
+            "# k-shot data efficiency",
+            "",
+            f"Backbone {backbone['name']} ({backbone['weights']}), frozen. For each k, "
+            f"{report['seeds']} random draws of k train images per class; each head is fit on "
+            f"their cached features and scored on all {report['test_images']} test images. "
+            "Cells: mean ± standard deviation over the draws (min–max).",
+            "",
+            "| k per class | train images | prototypes (cosine) | probe (logistic, strong L2) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"With {report['test_images']} test images, one run's accuracy alone is uncertain by "
+            f"up to ±{report['test_interval_width_at_50pct'] / 2:.3f} (95% bootstrap interval "
+            "at 50% accuracy): do not over-read differences smaller than that.",
+            "",
+            "![k-shot curve](../plots/kshot.png)",
+            "",
+        ]
+    )
+
+
+def save_kshot_plot(report: dict[str, Any], dest: Path) -> None:
+    from graft.report import _pyplot, _save_figure
+
+    figure, axes = _pyplot().subplots(figsize=(6, 4))
+    ks = [point["k"] for point in report["curve"]]
+    titles = {"prototype": "prototypes (cosine)", "probe": "logistic probe (strong L2)"}
+    for head in HEADS:
+        means = np.array([point[head]["mean"] for point in report["curve"]])
+        stds = np.array([point[head]["std"] for point in report["curve"]])
+        lows = [point[head]["min"] for point in report["curve"]]
+        highs = [point[head]["max"] for point in report["curve"]]
+        line = axes.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=titles[head])
+        axes.fill_between(ks, lows, highs, alpha=0.15, color=line[0].get_color())
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ks, [str(k) for k in ks])
+    axes.set_xlabel("training images per class (k)")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(0, 1.02)
+    backbone = report["backbone"]
+    axes.set_title(
+        f"{backbone['name']} ({backbone['weights']}): mean ± sd over {report['seeds']} draws"
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    _save_figure(figure, dest)
+
+
+def write_kshot(report: dict[str, Any], reports_dir: Path, plots_dir: Path) -> None:
+    write_json(reports_dir / "kshot.json", report)
+    write_text_atomic(reports_dir / "kshot.md", kshot_markdown(report))
+    save_kshot_plot(report, plots_dir / "kshot.png")
+
+
+def run_kshot(root: Path, params: Params) -> dict[str, Any]:
+    """``graft kshot``: embed train and test through the cache, draw the curve, write it.
+
+    Raises:
+        KShotError: if train or test has no usable images.
+    """
+    paths = ProjectPaths(root)
+    manifest = read_manifest(paths.manifest)
+    usable = manifest[(manifest["status"] == "ok") & manifest["split"].isin(["train", "test"])]
+    for split in ("train", "test"):
+        if not (usable["split"] == split).any():
+            raise KShotError(
+                f"no usable {split} images in {paths.manifest}: add images or rerun "
+                "`graft validate` with other data.val_fraction / data.test_fraction."
+            )
+    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique())
+    embedding = embed(
+        usable,
+        paths.data,
+        params.backbone,
+        params.features,
+        paths.root / params.features.cache_dir,
+        labels=labels,
+        precision="fp32",
+    )
+    train, test = embedding.feature_sets["train"], embedding.feature_sets["test"]
+    curve = kshot_curve(
+        train, test, len(labels), params.kshot.k, params.kshot.seeds, params.fewshot.probe_c
+    )
+    report = kshot_report(curve, test, params.backbone.model_dump(), params.kshot.seeds)
+    write_kshot(report, paths.root / "reports", paths.plots)
+    return report
