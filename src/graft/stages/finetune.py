@@ -49,12 +49,13 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     head = load_checkpoint(paths.head_model)
     model = build_classifier(head)
     spec = head.spec
+    if settings.enabled:
+        check_schedule(model, settings)  # before any work: a bad schedule names its key
     skip = finetune_skip_reason(read_manifest(paths.manifest), params)
     if skip:
         print(skip)
     run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0 and not skip
     if run:
-        check_schedule(model, settings)  # before any work
         manifest = read_manifest(paths.manifest)
         usable = manifest[manifest["status"] == "ok"]
         index_of = {label: i for i, label in enumerate(spec.labels)}
