@@ -91,7 +91,11 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def kshot_report(
-    curve: list[dict[str, Any]], test: FeatureSet, backbone: dict[str, Any], seeds: int
+    curve: list[dict[str, Any]],
+    test: FeatureSet,
+    backbone: dict[str, Any],
+    seeds: int,
+    probe_c: float,
 ) -> dict[str, Any]:
     # What one run's accuracy could vary by from the test images alone (bootstrap, at 50%
     # accuracy, the widest): the spread across seeds should be read against it.
@@ -100,6 +104,7 @@ def kshot_report(
     return {
         "backbone": backbone,
         "seeds": seeds,
+        "probe_c": probe_c,
         "test_images": len(test),
         "test_interval_width_at_50pct": high - low,
         "curve": curve,
@@ -130,7 +135,8 @@ def kshot_markdown(report: dict[str, Any]) -> str:
             f"their cached features and scored on all {report['test_images']} test images. "
             "Cells: mean ± standard deviation over the draws (min–max).",
             "",
-            "| k per class | train images | prototypes (cosine) | probe (logistic, strong L2) |",
+            "| k per class | train images | prototypes (cosine) | "
+            f"probe (logistic, L2, C = {report['probe_c']:g}) |",
             "|---|---|---|---|",
             *rows,
             "",
@@ -149,7 +155,10 @@ def save_kshot_plot(report: dict[str, Any], dest: Path) -> None:
 
     figure, axes = _pyplot().subplots(figsize=(6, 4))
     ks = [point["k"] for point in report["curve"]]
-    titles = {"prototype": "prototypes (cosine)", "probe": "logistic probe (strong L2)"}
+    titles = {
+        "prototype": "prototypes (cosine)",
+        "probe": f"logistic probe (C = {report['probe_c']:g})",
+    }
     for head in HEADS:
         means = np.array([point[head]["mean"] for point in report["curve"]])
         stds = np.array([point[head]["std"] for point in report["curve"]])
@@ -206,6 +215,8 @@ def run_kshot(root: Path, params: Params) -> dict[str, Any]:
     curve = kshot_curve(
         train, test, len(labels), params.kshot.k, params.kshot.seeds, params.fewshot.probe_c
     )
-    report = kshot_report(curve, test, params.backbone.model_dump(), params.kshot.seeds)
+    report = kshot_report(
+        curve, test, params.backbone.model_dump(), params.kshot.seeds, params.fewshot.probe_c
+    )
     write_kshot(report, paths.root / "reports", paths.plots)
     return report
