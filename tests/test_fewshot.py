@@ -147,6 +147,7 @@ def test_fine_tuning_is_skipped_only_in_few_shot_mode(tmp_path):
     paths.params.write_text(paths.params.read_text().replace("few_shot: false", "few_shot: true"))
     reason = finetune_skip_reason(manifest, load_params(paths.params))
     assert reason and "fewshot.finetune_min_images_per_class = 20" in reason
+    assert finetune_skip_reason(paths.manifest, load_params(paths.params)) == reason
 
 
 def test_a_few_shot_run_exports_a_model_that_answers_like_its_head(tmp_path):

@@ -17,8 +17,8 @@ checkpoint format and exports to ONNX like any other.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from graft.config import FewShotParams, Params
+from graft.data.manifest import read_manifest
 from graft.head import HeadResult
 
 HEAD_KIND = "l2_linear"
@@ -219,10 +220,15 @@ def train_fewshot_head(
     return HeadResult(head, 1, val_accuracy, train_accuracy, [record], architecture)
 
 
-def finetune_skip_reason(manifest: pd.DataFrame, params: Params) -> str | None:
-    """Why fine-tuning is skipped in few-shot mode (too few train images), or None to run it."""
+def finetune_skip_reason(manifest: pd.DataFrame | Path, params: Params) -> str | None:
+    """Why fine-tuning is skipped in few-shot mode (too few train images), or None to run it.
+
+    ``manifest`` may be the manifest's path: it is read only in few-shot mode.
+    """
     if not params.data.few_shot:
         return None
+    if isinstance(manifest, Path):
+        manifest = read_manifest(manifest)
     usable = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
     smallest = int(usable["label"].value_counts().min()) if len(usable) else 0
     needed = params.fewshot.finetune_min_images_per_class
@@ -232,7 +238,3 @@ def finetune_skip_reason(manifest: pd.DataFrame, params: Params) -> str | None:
         f"few-shot mode: the smallest class has {smallest} train images, under "
         f"fewshot.finetune_min_images_per_class = {needed}; fine-tuning is skipped"
     )
-
-
-def interval_width(low: float, high: float) -> float:
-    return high - low if math.isfinite(low) and math.isfinite(high) else float("nan")

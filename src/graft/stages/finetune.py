@@ -51,7 +51,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     spec = head.spec
     if settings.enabled:
         check_schedule(model, settings)  # before any work: a bad schedule names its key
-    skip = finetune_skip_reason(read_manifest(paths.manifest), params)
+    skip = finetune_skip_reason(paths.manifest, params)  # few-shot: too few images to tune
     if skip:
         print(skip)
     run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0 and not skip
