@@ -98,6 +98,7 @@ def test_choosing_a_backbone_changes_nothing_until_applied(tmp_path: Path):
     assert (first["weights"], second["weights"]) == ("random", f"file:{blind}")
     assert first["val_accuracy"] >= second["val_accuracy"] + 0.2 and second["val_accuracy"] < 0.3
     assert report["change_needed"] and not report["applied"]
+    assert not report["lead_within_noise"] and report["val_noise_95"] > 0
     assert f"  name: {best['name']}\n  weights: random" in result.output
     assert (paths.plots / "backbone_selection.png").stat().st_size > 0
     assert "Not applied" in (paths.root / "reports" / "backbone_selection.md").read_text()

@@ -152,6 +152,11 @@ def select_backbone(
             f"{row['parameters'] / 1e6:.2f} M parameters"
         )
     best = report["best"]
+    if report["lead_within_noise"]:
+        typer.echo(
+            f"The lead over the runner-up ({report['lead_over_runner_up']:.4f}) is within the "
+            f"val noise (±{report['val_noise_95']:.4f}): not evidence that the best is better."
+        )
     if not report["change_needed"]:
         typer.echo("params.yaml already uses the best candidate: nothing to change.")
     elif applied:

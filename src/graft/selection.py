@@ -12,6 +12,7 @@ change in ``params.yaml``, and :func:`apply_backbone` edits exactly those lines.
 from __future__ import annotations
 
 import gc
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -281,11 +282,19 @@ def _scalar(value: Any) -> str:
 
 def selection_report(scores: list[CandidateScore], backbone: BackboneParams) -> dict[str, Any]:
     best = scores[0]
+    # Half the width of a 95% interval of the best val accuracy (normal approximation): a lead
+    # smaller than this over the runner-up is not evidence that the best is better.
+    p, n = best.val_accuracy, max(best.val_images, 1)
+    noise = 1.96 * math.sqrt(max(p * (1 - p), 0.25 / n) / n)
+    lead = best.val_accuracy - scores[1].val_accuracy if len(scores) > 1 else None
     return {
         "ranking": [asdict(score) for score in scores],
         "best": {"name": best.name, "weights": best.weights, "sha256": best.sha256},
         "current": backbone.model_dump(),
         "change_needed": not is_current(best, backbone),
+        "lead_over_runner_up": lead,
+        "val_noise_95": noise,
+        "lead_within_noise": lead is not None and lead < noise,
     }
 
 
@@ -323,6 +332,17 @@ def selection_markdown(report: dict[str, Any], applied: bool) -> str:
             *rows,
             "",
             f"**Decision:** {decision}",
+            "",
+            *(
+                [
+                    f"**Within noise:** the best leads the runner-up by "
+                    f"{report['lead_over_runner_up']:.4f}, less than the ±"
+                    f"{report['val_noise_95']:.4f} a val accuracy on {first['val_images']} "
+                    "images is uncertain by (95%): add val images, or weigh time and size."
+                ]
+                if report["lead_within_noise"]
+                else []
+            ),
             "",
             "![val accuracy against time per image](../plots/backbone_selection.png)",
             "",
