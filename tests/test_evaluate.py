@@ -15,6 +15,7 @@ from graft.evaluate import (
     classification_metrics,
     expected_calibration_error,
     select_candidate,
+    wilson_interval,
 )
 
 
@@ -127,3 +128,25 @@ def test_change_gates_fail_closed_on_nan_and_on_different_labels():
         _with_recalls(0.99, {"a": 1.0, "c": 1.0}), champion, EvaluateParams()
     )
     assert len(reasons) == 1 and "labels differ" in reasons[0] and "--force" in reasons[0]
+
+
+def test_wilson_interval_stays_honest_where_the_bootstrap_collapses():
+    y = np.zeros(6, dtype=int)
+    assert bootstrap_accuracy_interval(y, y) == (1.0, 1.0)  # six right answers: "certain"
+    low, high = wilson_interval(6, 6)
+    assert high == 1.0 and 0.5 < low < 0.65  # six right answers prove little
+    low, high = wilson_interval(0, 6)
+    assert low == 0.0 and 0.35 < high < 0.5
+    low, high = wilson_interval(900, 1000)
+    assert low < 0.9 < high and high - low < 0.04
+
+
+def test_the_report_warns_when_the_test_set_is_small():
+    from graft.report import evaluation_markdown
+
+    y = np.array([0, 1, 2, 0, 1, 2])
+    results = {"head": classification_metrics(y, one_hot(y), ["a", "b", "c"])}
+    blessing = bless("head", "models/head.pt", results["head"], EvaluateParams())
+    finetune = {"skipped": True, "head_val_accuracy": 1.0, "val_accuracy": 1.0}
+    report = evaluation_markdown(results, finetune, blessing, 0)
+    assert "**Only 6 test images.**" in report and "0.61–1.00" in report

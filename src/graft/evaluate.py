@@ -61,6 +61,17 @@ def bootstrap_accuracy_interval(
     return float(low), float(high)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion: sensible at 0% and 100% and for a handful of
+    images, where the percentile bootstrap collapses to a single point."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def classification_metrics(
     y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]
 ) -> dict[str, Any]:
@@ -80,6 +91,7 @@ def classification_metrics(
             f1_score(y_true, y_pred, labels=indices, average="macro", zero_division=0)
         ),
         "accuracy_ci95": [low, high],
+        "accuracy_ci95_wilson": list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))),
         "ece": ece,
         "reliability": reliability,
         "n": int(len(y_true)),

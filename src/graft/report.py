@@ -94,6 +94,9 @@ def save_misclassified_gallery(
     _save_figure(figure, dest)
 
 
+SMALL_TEST_SET = 100  # below this many test images the report warns about the interval
+
+
 def evaluation_markdown(
     results: dict[str, dict[str, Any]],
     finetune_metrics: dict[str, Any],
@@ -129,6 +132,17 @@ def evaluation_markdown(
         "",
         "The interval is a percentile bootstrap over the test images; ECE is the expected "
         "calibration error over 15 confidence bins.",
+    ]
+    candidate = results[blessing.candidate]
+    if candidate["n"] < SMALL_TEST_SET:
+        low, high = candidate.get("accuracy_ci95_wilson", candidate["accuracy_ci95"])
+        lines += [
+            "",
+            f"> **Only {candidate['n']} test images.** The candidate's accuracy could be anywhere "
+            f"in {low:.2f}–{high:.2f} (Wilson 95% interval, {high - low:.2f} wide): differences "
+            "smaller than that are not evidence. Add test images before comparing models.",
+        ]
+    lines += [
         "",
         "## Gate",
         "",
