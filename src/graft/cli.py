@@ -193,6 +193,18 @@ def kshot(root: Path = ROOT) -> None:
     typer.echo(f"{report['test_images']} test images; report: {root / 'reports' / 'kshot.md'}")
 
 
+@app.command()
+def pretrain(root: Path = ROOT) -> None:
+    """Train a source model on pretrain.source_dir and save it for backbone.weights: file:PATH."""
+    _run_stage("pretrain", root)
+
+
+@app.command("transfer-report")
+def transfer_report(root: Path = ROOT) -> None:
+    """Transferred vs from-scratch on the target data: three figures, curves, data efficiency."""
+    _run_stage("transfer", root)
+
+
 # Serving: graft.serving (onnxruntime, FastAPI) is imported inside the commands, so that
 # `graft --help` works without it and the CLI never imports torch on the way to a server.
 def _serving_failed(command: str, exc: GraftError) -> typer.Exit:

@@ -324,6 +324,92 @@ class KShotParams(_Section):
         return sorted(set(k))
 
 
+class TrainingParams(_Section):
+    """One training run of a whole backbone with its head: a probe, then all blocks trained.
+
+    The budget both arms of the transfer report get, and what ``pretrain`` trains with.
+    """
+
+    epochs: int = Field(6, ge=1, description="epochs of training after the probe")
+    lr: float = Field(0.005, gt=0.0, description="peak LR (cosine schedule with warm-up)")
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR factor per layer group down")
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    bn: Literal["frozen", "adapt"] = Field(
+        "adapt", description="adapt: BatchNorm learns its statistics (needed from random weights)"
+    )
+    max_minutes: float = Field(10.0, gt=0.0, description="wall-clock budget of one run")
+    seed: int = 0
+
+
+class PretrainParams(_Section):
+    """Read by ``pretrain``: a source model trained on a related labelled image folder."""
+
+    source_dir: str = Field("data", description="the source image folder (validated, read-only)")
+    classes: list[str] = Field(
+        default_factory=lambda: ["0", "1", "2", "3", "4"],
+        description="the source task's classes in source_dir; empty: every class",
+    )
+    architecture: str = Field("test_efficientnet", description="a timm EfficientNet-family model")
+    init: str = Field("random", description="random, packaged, hub or file:PATH")
+    image_size: int = Field(32, ge=8, description="input height and width, in pixels")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+    training: TrainingParams = TrainingParams()
+    target_dep: str = Field(
+        "src/graft/backbones.py",
+        description="extra dependency of the target's features stage (dvc.yaml); models/source "
+        "when backbone.weights is file:models/source/backbone.safetensors",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, init: str) -> str:
+        return BackboneParams._known_source(init)
+
+
+class TransferParams(_Section):
+    """Read by ``transfer``: transferred vs from-scratch on the target data, same budget."""
+
+    weights: str = Field(
+        "file:models/source/backbone.safetensors",
+        description="the transferred backbone's source; the other arm starts from random weights",
+    )
+    architecture: str | None = Field(
+        None, description="timm model; None: the architecture in the weights file's sidecar"
+    )
+    classes: list[str] = Field(
+        default_factory=lambda: ["5", "6", "7", "8", "9"],
+        description="the target task's classes in the validated data; empty: every class",
+    )
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5, 1.0],
+        description="shares of the training split for the data-efficiency curve",
+    )
+    target_accuracy: float = Field(
+        0.97, gt=0.0, le=1.0, description="val accuracy whose epochs and seconds measure the rate"
+    )
+    training: TrainingParams = TrainingParams(lr=0.001, warmup_epochs=0.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, weights: str) -> str:
+        return BackboneParams._known_source(weights)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, fractions: list[float]) -> list[float]:
+        if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"fractions must be in (0, 1], got {fractions}")
+        if 1.0 not in fractions:
+            raise ValueError(
+                f"fractions must include 1.0 (the full training split), got {fractions}"
+            )
+        return sorted(set(fractions))
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
@@ -337,6 +423,8 @@ class Params(_Section):
     fewshot: FewShotParams = FewShotParams()
     select: SelectParams = SelectParams()
     kshot: KShotParams = KShotParams()
+    pretrain: PretrainParams = PretrainParams()
+    transfer: TransferParams = TransferParams()
 
 
 def _describe(error: dict, path: Path) -> str:
