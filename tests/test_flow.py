@@ -269,15 +269,18 @@ def test_make_run_trains_a_blessed_model_on_the_sample_offline(tmp_path):
 
     paths = ProjectPaths(root)
     evaluation = read_json(paths.metrics / "eval.json")
-    assert evaluation["accuracy"] >= 0.95
+    assert evaluation["candidate"] == "finetuned"  # chosen on val
+    assert evaluation["finetuned"]["accuracy"] >= 0.98
+    assert evaluation["finetuned"]["accuracy"] > evaluation["head"]["accuracy"]
     assert {"head", "finetuned"} <= set(evaluation)
     exported = read_json(paths.metrics / "export.json")
     parity = exported["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4
     assert parity["images"] == evaluation["test_images"] > 200
-    int8 = exported["int8"]
-    assert int8["kept"] and int8["fp32_test_accuracy"] - int8["int8_test_accuracy"] <= 0.01
-    assert (paths.int8_dir / "model.onnx").is_file()
+    int8 = exported["int8"]  # on the digits INT8 loses many points: the gate decides, visibly
+    within = int8["fp32_test_accuracy"] - int8["int8_test_accuracy"] <= 0.01
+    assert int8["kept"] is within and (paths.int8_dir / "model.onnx").is_file() is within
+    assert read_json(paths.int8_dir / "decision.json") == int8
     production = root / "models" / "production"
     assert (production / "model.onnx").read_bytes() == paths.onnx_model.read_bytes()
     assert read_json(production / "promotion.json")["infra_check"]["top1_agreement"] == 1.0
