@@ -6,6 +6,8 @@ Stage modules are imported inside each command so that ``graft --help`` stays in
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -21,13 +23,20 @@ app = typer.Typer(
 ROOT = typer.Option(Path("."), "--root", help="Project root: the folder holding params.yaml.")
 
 
+@contextmanager
+def _reported(command: str) -> Iterator[None]:
+    """A GraftError becomes one red line naming the command, and exit status 1 (no traceback)."""
+    try:
+        yield
+    except GraftError as exc:
+        typer.secho(f"graft {command}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
 def _run_stage(name: str, root: Path) -> None:
     module = importlib.import_module(f"graft.stages.{name}")
-    try:
+    with _reported(name.replace("_", "-")):
         module.main(root)
-    except GraftError as exc:
-        typer.secho(f"graft {name.replace('_', '-')}: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command("sample-data")
@@ -66,7 +75,7 @@ def features(root: Path = ROOT) -> None:
 
 @app.command("train-head")
 def train_head(root: Path = ROOT) -> None:
-    """Train the linear head on the cached features."""
+    """Train the head (linear, MLP, or few-shot prototypes/probe) on the cached features."""
     _run_stage("train_head", root)
 
 
@@ -103,11 +112,8 @@ def promote(
     from graft.paths import ProjectPaths
     from graft.promotion import promote as promote_model
 
-    try:
+    with _reported("promote"):
         record = promote_model(root, load_params(ProjectPaths(root).params), force, reason)
-    except GraftError as exc:
-        typer.secho(f"graft promote: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
     forced = " (forced: " + record.reason + ")" if record.forced else ""
     typer.echo(f"Promoted {record.model_sha256[:12]} to production{forced}.")
 
@@ -119,11 +125,8 @@ def rollback(root: Path = ROOT) -> None:
     from graft.paths import ProjectPaths
     from graft.promotion import rollback as rollback_model
 
-    try:
+    with _reported("rollback"):
         restored = rollback_model(root, load_params(ProjectPaths(root).params))
-    except GraftError as exc:
-        typer.secho(f"graft rollback: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"Rolled back: production is {restored[:12]} again.")
 
 
@@ -139,12 +142,9 @@ def select_backbone(
     from graft.paths import ProjectPaths
     from graft.selection import BACKBONE_KEYS, run_selection
 
-    try:
+    with _reported("select-backbone"):
         params = load_params(ProjectPaths(root).params)
         report, applied = run_selection(root, params, apply)
-    except GraftError as exc:
-        typer.secho(f"graft select-backbone: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
     for row in report["ranking"]:
         typer.echo(
             f"{row['rank']}. {row['name']} ({row['weights']}): val accuracy "
@@ -179,11 +179,8 @@ def kshot(root: Path = ROOT) -> None:
     from graft.kshot import run_kshot
     from graft.paths import ProjectPaths
 
-    try:
+    with _reported("kshot"):
         report = run_kshot(root, load_params(ProjectPaths(root).params))
-    except GraftError as exc:
-        typer.secho(f"graft kshot: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
     for point in report["curve"]:
         cells = ", ".join(
             f"{head} {point[head]['mean']:.4f} ± {point[head]['std']:.4f}"
@@ -207,11 +204,6 @@ def transfer_report(root: Path = ROOT) -> None:
 
 # Serving: graft.serving (onnxruntime, FastAPI) is imported inside the commands, so that
 # `graft --help` works without it and the CLI never imports torch on the way to a server.
-def _serving_failed(command: str, exc: GraftError) -> typer.Exit:
-    typer.secho(f"graft {command}: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(1)
-
-
 @app.command()
 def serve(
     model: Path = typer.Argument(
@@ -239,10 +231,8 @@ def serve(
     from graft.serving.limits import Limits
 
     limits = Limits(max_body_bytes, max_pixels, max_batch, top_k)
-    try:
+    with _reported("serve"):
         run_server(model, host, port, limits, reload_interval, threads or None)
-    except GraftError as exc:
-        raise _serving_failed("serve", exc) from None
 
 
 @app.command()
@@ -264,7 +254,7 @@ def predict(
     from graft.serving.model import load_model
     from graft.serving.predict import collect_images, output_format, predict_files, render
 
-    try:
+    with _reported("predict"):
         output_format(output)
         files = collect_images(paths)
         served = load_model(model)
@@ -277,8 +267,6 @@ def predict(
             from graft.files import write_text_atomic
 
             write_text_atomic(output, text)
-    except GraftError as exc:
-        raise _serving_failed("predict", exc) from None
     errors = Counter(row.error.reason for row in rows if row.error is not None)
     listed = ", ".join(f"{reason}: {count}" for reason, count in sorted(errors.items()))
     typer.echo(
