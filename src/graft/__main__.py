@@ -1,4 +1,4 @@
-"""``python -m graft`` is the ``graft`` command (used where the console script may not be on PATH)."""
+"""``python -m graft`` runs the ``graft`` command, also where its script is not on PATH."""
 
 from graft.cli import app
 
