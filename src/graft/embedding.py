@@ -413,11 +413,11 @@ def int8_gate(
     Both heads are trained exactly as ``train_head`` trains one (same params and seed).
     Without val images there is nothing to compare, and INT8 is refused (fail closed).
     """
-    from graft.head import train_linear_head
+    from graft.head import train_head
 
     def val_accuracy(sets: dict[str, FeatureSet]) -> float:
         train, val = sets["train"], sets["val"]
-        result = train_linear_head(
+        result = train_head(
             train.features, train.labels, val.features, val.labels, num_classes, head
         )
         return float(result.val_accuracy)
