@@ -85,3 +85,23 @@ def test_an_mlp_head_travels_through_its_model_files(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), model(images))
+
+
+def test_learning_curves_are_logged_in_a_git_repository_without_a_commit(tmp_path, monkeypatch):
+    """A fresh `git init` (no commit yet) is where many users first run the pipeline."""
+    import json
+    import subprocess
+    import sys
+
+    from graft.live_log import write_live_log
+
+    subprocess.run(["git", "init", "--quiet"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--quiet"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    history = [{"epoch": 0, "train_loss": 1.0, "val_accuracy": 0.5}]
+    history.append({"epoch": 1, "train_loss": 0.5, "val_accuracy": 0.75})
+    write_live_log(tmp_path / "dvclive" / "head", history)
+    metrics = json.loads((tmp_path / "dvclive" / "head" / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] == 0.75 and metrics["step"] == 1
+    curve = tmp_path / "dvclive" / "head" / "plots" / "metrics" / "val" / "accuracy.tsv"
+    assert curve.read_text().splitlines()[1:] == ["0\t0.5", "1\t0.75"]
