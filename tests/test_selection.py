@@ -116,28 +116,36 @@ def test_choosing_a_backbone_changes_nothing_until_applied(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_real_weights_are_ranked_by_what_the_probes_measure_on_the_digits(tmp_path: Path):
-    """The ImageNet lite0 against the same architecture with random weights, 20 digits a class.
+def test_the_imagenet_weights_rank_above_random_weights_on_the_sample(tmp_path: Path):
+    """The packaged ImageNet lite0 against the same architecture with random weights, on the
+    whole sample with the repository's splits (1,242 train, 277 val).
 
-    Measured, against expectation: the random-weight trunk ranks first (val 0.958 against
-    0.792 with the logistic probe; k-NN agrees). The digits are 8x8 scans blown up to 224 px,
-    far from ImageNet, where random convolutional features are known to do well; on the whole
-    sample the ImageNet weights lead by a point (0.949 against 0.939). The ranking reports what
-    it measures, and this test pins that down for the real weights.
+    The ImageNet weights lead on both the ranking and the logistic probe (0.949 against 0.939
+    and 0.935 on val when measured); the lead is about a point, inside the noise of 277 val
+    images, and the report says so. The digits are 8x8 scans blown up to 224 px, far from
+    ImageNet: random convolutional features keep their pixels well, and k-NN on them does better
+    than on the ImageNet features. With few images per class the order turns (README).
     """
     candidates = [
-        {"name": "tf_efficientnet_lite0", "weights": "packaged"},
         {"name": "tf_efficientnet_lite0", "weights": "random"},
+        {"name": "tf_efficientnet_lite0", "weights": "packaged"},
     ]
+    repository_data = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["data"]
     paths = make_project(
-        tmp_path / "p", per_class=20, overrides={"select": {"candidates": candidates}}
+        tmp_path / "p",
+        per_class=None,
+        overrides={"data": repository_data, "select": {"candidates": candidates}},
     )
     validate.main(paths.root)
     report, applied = run_selection(paths.root, load_params(paths.params), apply=False)
     first, second = report["ranking"]
-    assert (first["weights"], second["weights"]) == ("random", "packaged")
-    for probe in ("logreg_val_accuracy", "knn_val_accuracy"):
-        assert first[probe] >= second[probe] + 0.1
+    assert (first["weights"], second["weights"]) == ("packaged", "random")
+    assert (first["train_images"], first["val_images"]) == (1242, 277)
+    assert first["logreg_val_accuracy"] > second["logreg_val_accuracy"]
+    assert first["val_accuracy"] > second["val_accuracy"] > 0.9
+    assert report["lead_within_noise"]  # a point on 277 images: the report must not over-sell it
     assert first["parameters"] == second["parameters"] == 3_371_008
     assert first["feature_dim"] == 1280 and 13 < first["size_mb"] < 14
     assert report["change_needed"] and not applied
+    markdown = (paths.root / "reports" / "backbone_selection.md").read_text()
+    assert "Within noise" in markdown and "| 1 | tf_efficientnet_lite0 | packaged |" in markdown
