@@ -391,6 +391,12 @@ class TransferParams(_Section):
     target_accuracy: float = Field(
         0.97, gt=0.0, le=1.0, description="val accuracy whose epochs and seconds measure the rate"
     )
+    seeds: int = Field(
+        5,
+        ge=1,
+        description="runs per arm and share of train, seeds training.seed, training.seed + 1, ...: "
+        "the figures are mean ± std over them",
+    )
     training: TrainingParams = TrainingParams(lr=0.001, warmup_epochs=0.0)
 
     @field_validator("weights")
