@@ -9,7 +9,13 @@ from typer.testing import CliRunner
 
 from graft.cli import app
 from graft.features import FeatureSet
-from graft.kshot import kshot_curve, sample_k_per_class
+from graft.kshot import (
+    kshot_curve,
+    kshot_markdown,
+    kshot_report,
+    probe_c_on_val,
+    sample_k_per_class,
+)
 from graft.stages import validate
 from tests.conftest import make_project
 
@@ -46,6 +52,42 @@ def test_more_shots_give_higher_accuracy_and_the_spread_comes_from_the_draws():
     assert not twenty["capped"]
 
 
+def test_the_probe_c_is_scored_on_val_and_the_report_names_val_s_choice():
+    rng = np.random.default_rng(0)
+    train, val, test = clusters(rng, 40), clusters(rng, 30), clusters(rng, 30)
+    grid = [0.001, 10.0]
+    table = probe_c_on_val(train, val, 4, [1, 10], seeds=3, grid=grid)
+    assert [row["k"] for row in table] == [1, 10]
+    for row in table:  # the best mean on val; then the smallest C within one standard error
+        scores = row["val_accuracy"]
+        assert set(scores) == {"0.001", "10"} and 0.5 < min(scores.values())
+        assert row["best_c"] == max(grid, key=lambda c: (scores[f"{c:g}"], -c))
+        assert row["best_standard_error"] > 0.0
+        within = [
+            c
+            for c in grid
+            if scores[f"{c:g}"] >= scores[f"{row['best_c']:g}"] - row["best_standard_error"]
+        ]
+        assert row["chosen_c"] == min(within)
+    single = probe_c_on_val(train, val, 4, [10], seeds=1, grid=grid)[0]
+    assert single["best_standard_error"] == 0.0 and single["chosen_c"] == single["best_c"]
+    # The val split decides: scored on other images, the same draws give other accuracies.
+    assert probe_c_on_val(train, test, 4, [1, 10], 3, grid) != table
+
+    curve = kshot_curve(train, test, 4, [1, 10], seeds=3, probe_c=10.0)
+    backbone = {"name": "tiny", "weights": "random"}
+    agreeing = [{**row, "chosen_c": 10.0} for row in table]
+    markdown = kshot_markdown(kshot_report(curve, test, backbone, 3, 10.0, agreeing))
+    assert "The probe's C, chosen on val" in markdown
+    assert "Val chooses `fewshot.probe_c` = 10 at every k." in markdown
+    assert f"| 10 | {table[1]['val_accuracy']['0.001']:.4f} | **" in markdown
+    other = [{**table[0], "chosen_c": 10.0}, {**table[1], "chosen_c": 0.001}]
+    markdown = kshot_markdown(kshot_report(curve, test, backbone, 3, 10.0, other))
+    assert "Val chooses another C than `fewshot.probe_c` = 10 at k = 10." in markdown
+    unchecked = kshot_markdown(kshot_report(curve, test, backbone, 3, 10.0, None))
+    assert "No val images" in unchecked
+
+
 def test_kshot_command_writes_the_curve_report_and_plot(tmp_path):
     paths = make_project(tmp_path / "p", per_class=12, overrides={"kshot": {"k": [1, 3, 50]}})
     validate.main(paths.root)
@@ -61,3 +103,5 @@ def test_kshot_command_writes_the_curve_report_and_plot(tmp_path):
     assert "| 3 | 30 |" in markdown and "do not over-read" in markdown
     assert (paths.plots / "kshot.png").read_bytes()[:4] == b"\x89PNG"
     assert "k=1: prototype" in result.output
+    assert [row["k"] for row in report["probe_c_on_val"]] == [1, 3, 50]
+    assert "val chooses probe C = " in result.output and "chosen on val" in markdown

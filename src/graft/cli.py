@@ -187,6 +187,11 @@ def kshot(root: Path = ROOT) -> None:
             for head in ("prototype", "probe")
         )
         typer.echo(f"k={point['k']}: {cells}")
+    for row in report["probe_c_on_val"] or []:
+        typer.echo(
+            f"k={row['k']}: val chooses probe C = {row['chosen_c']:g} "
+            f"(best mean at C = {row['best_c']:g})"
+        )
     typer.echo(f"{report['test_images']} test images; report: {root / 'reports' / 'kshot.md'}")
 
 

@@ -315,6 +315,17 @@ class KShotParams(_Section):
 
     k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     seeds: int = Field(5, ge=1, description="random draws of k images per class for each k")
+    probe_c_grid: list[float] = Field(
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0],
+        description="the probe's C values scored on val, to choose fewshot.probe_c",
+    )
+
+    @field_validator("probe_c_grid")
+    @classmethod
+    def _positive_cs(cls, grid: list[float]) -> list[float]:
+        if not grid or min(grid) <= 0:
+            raise ValueError(f"list C values above 0, got {grid}")
+        return sorted(set(grid))
 
     @field_validator("k")
     @classmethod

@@ -5,6 +5,10 @@ train (all of a class's images when it has fewer: the report says so), the two f
 of :mod:`graft.fewshot` (cosine prototypes and the regularised probe) are fit on their cached
 features, and both are scored on the whole test split. Nothing is embedded twice: the features
 come from the cache, so the curve costs seconds.
+
+The probe's strength ``fewshot.probe_c`` is a choice, so it is made on val, never on test: the
+same draws fit the probe with each C of ``kshot.probe_c_grid`` and score it on the val split, and
+the report says which C val prefers at each k beside the one in use.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from graft.embedding import embed
 from graft.errors import GraftError
 from graft.evaluate import bootstrap_accuracy_interval
 from graft.features import FeatureSet
-from graft.fewshot import fit_probe, fit_prototypes
+from graft.fewshot import LinearWeights, fit_probe, fit_prototypes
 from graft.files import write_json, write_text_atomic
 from graft.paths import ProjectPaths
 
@@ -40,6 +44,18 @@ def sample_k_per_class(labels: np.ndarray, k: int, rng: np.random.Generator) -> 
     return np.sort(np.concatenate(chosen))
 
 
+def _draws(labels: np.ndarray, k: int, seeds: int):
+    """The train indices of each seed's draw of k per class: the same for every use of (k, seed)."""
+    for seed in range(seeds):
+        yield seed, sample_k_per_class(labels, k, np.random.default_rng([seed, k]))
+
+
+def _accuracy(weights: LinearWeights | None, scored: FeatureSet) -> float:
+    if weights is None:  # a single class drawn: no probe can be fit
+        return 0.0
+    return float((weights.logits(scored.features).argmax(axis=1) == scored.labels).mean())
+
+
 def kshot_curve(
     train: FeatureSet,
     test: FeatureSet,
@@ -53,21 +69,10 @@ def kshot_curve(
     curve = []
     for k in ks:
         accuracies: dict[str, list[float]] = {head: [] for head in HEADS}
-        for seed in range(seeds):
-            rng = np.random.default_rng([seed, k])
-            index = sample_k_per_class(train.labels, k, rng)
+        for seed, index in _draws(train.labels, k, seeds):
             x, y = train.features[index], train.labels[index]
-            heads = {"prototype": fit_prototypes(x, y, num_classes)}
-            heads["probe"] = (
-                fit_probe(x, y, num_classes, probe_c, seed) if len(np.unique(y)) > 1 else None
-            )
-            for name, weights in heads.items():
-                hits = (
-                    weights.logits(test.features).argmax(axis=1) == test.labels
-                    if weights is not None
-                    else np.zeros(len(test), dtype=bool)
-                )
-                accuracies[name].append(float(hits.mean()))
+            accuracies["prototype"].append(_accuracy(fit_prototypes(x, y, num_classes), test))
+            accuracies["probe"].append(_accuracy(_probe(x, y, num_classes, probe_c, seed), test))
         curve.append(
             {
                 "k": k,
@@ -77,6 +82,48 @@ def kshot_curve(
             }
         )
     return curve
+
+
+def _probe(
+    x: np.ndarray, y: np.ndarray, num_classes: int, c: float, seed: int
+) -> LinearWeights | None:
+    return fit_probe(x, y, num_classes, c, seed) if len(np.unique(y)) > 1 else None
+
+
+def probe_c_on_val(
+    train: FeatureSet,
+    val: FeatureSet,
+    num_classes: int,
+    ks: list[int],
+    seeds: int,
+    grid: list[float],
+) -> list[dict[str, Any]]:
+    """Per k: the probe's mean val accuracy for each C of ``grid`` over the curve's draws.
+
+    ``best_c`` has the highest mean; ``chosen_c`` is the smallest C (the strongest L2) whose mean
+    is within one standard error of the best's (the one-standard-error rule): where val cannot
+    tell two strengths apart, the more regularised probe is the safer one with few images.
+    """
+    table = []
+    for k in ks:
+        scores = {c: [] for c in grid}
+        for seed, index in _draws(train.labels, k, seeds):
+            x, y = train.features[index], train.labels[index]
+            for c in grid:
+                scores[c].append(_accuracy(_probe(x, y, num_classes, c, seed), val))
+        means = {c: float(np.mean(values)) for c, values in scores.items()}
+        best = max(grid, key=lambda c: (means[c], -c))
+        error = float(np.std(scores[best], ddof=1) / np.sqrt(seeds)) if seeds > 1 else 0.0
+        table.append(
+            {
+                "k": k,
+                "val_accuracy": {f"{c:g}": m for c, m in means.items()},
+                "best_c": best,
+                "best_standard_error": error,
+                "chosen_c": min(c for c in grid if means[c] >= means[best] - error),
+            }
+        )
+    return table
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -96,6 +143,7 @@ def kshot_report(
     backbone: dict[str, Any],
     seeds: int,
     probe_c: float,
+    probe_c_val: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
     # What one run's accuracy could vary by from the test images alone (bootstrap, at 50%
     # accuracy, the widest): the spread across seeds should be read against it.
@@ -108,6 +156,7 @@ def kshot_report(
         "test_images": len(test),
         "test_interval_width_at_50pct": high - low,
         "curve": curve,
+        "probe_c_on_val": probe_c_val,  # None: no val images to choose C on
     }
 
 
@@ -144,10 +193,53 @@ def kshot_markdown(report: dict[str, Any]) -> str:
             f"up to ±{report['test_interval_width_at_50pct'] / 2:.3f} (95% bootstrap interval "
             "at 50% accuracy): do not over-read differences smaller than that.",
             "",
+            *_probe_c_markdown(report),
             "![k-shot curve](../plots/kshot.png)",
             "",
         ]
     )
+
+
+def _probe_c_markdown(report: dict[str, Any]) -> list[str]:
+    table, in_use = report["probe_c_on_val"], report["probe_c"]
+    heading = "## The probe's C, chosen on val"
+    if table is None:
+        return [heading, "", "No val images: `fewshot.probe_c` was not checked on val.", ""]
+    grid = list(table[0]["val_accuracy"])
+    rows = [
+        f"| {row['k']} | "
+        + " | ".join(
+            f"**{row['val_accuracy'][c]:.4f}**"
+            if float(c) == row["chosen_c"]
+            else f"{row['val_accuracy'][c]:.4f}"
+            for c in grid
+        )
+        + " |"
+        for row in table
+    ]
+    disagree = [row["k"] for row in table if row["chosen_c"] != in_use]
+    verdict = (
+        f"Val chooses `fewshot.probe_c` = {in_use:g} at every k."
+        if not disagree
+        else f"Val chooses another C than `fewshot.probe_c` = {in_use:g} at k = "
+        + ", ".join(str(k) for k in disagree)
+        + "."
+    )
+    return [
+        heading,
+        "",
+        "The same draws, the probe fit with each C of `kshot.probe_c_grid` and scored on the "
+        "val split (mean over the draws). Test plays no part in this choice. Bold: the chosen "
+        "C, the smallest within one standard error (over the draws) of the best mean: where "
+        "val cannot tell them apart, the stronger regularisation.",
+        "",
+        "| k per class | " + " | ".join(f"C = {c}" for c in grid) + " |",
+        "|---|" + "---|" * len(grid),
+        *rows,
+        "",
+        verdict,
+        "",
+    ]
 
 
 def save_kshot_plot(report: dict[str, Any], dest: Path) -> None:
@@ -194,7 +286,7 @@ def run_kshot(root: Path, params: Params) -> dict[str, Any]:
     """
     paths = ProjectPaths(root)
     manifest = read_manifest(paths.manifest)
-    usable = manifest[(manifest["status"] == "ok") & manifest["split"].isin(["train", "test"])]
+    usable = manifest[manifest["status"] == "ok"]
     for split in ("train", "test"):
         if not (usable["split"] == split).any():
             raise KShotError(
@@ -211,12 +303,17 @@ def run_kshot(root: Path, params: Params) -> dict[str, Any]:
         labels=labels,
         precision="fp32",
     )
-    train, test = embedding.feature_sets["train"], embedding.feature_sets["test"]
-    curve = kshot_curve(
-        train, test, len(labels), params.kshot.k, params.kshot.seeds, params.fewshot.probe_c
+    sets = embedding.feature_sets
+    train, val, test = sets["train"], sets["val"], sets["test"]
+    kshot, probe_c = params.kshot, params.fewshot.probe_c
+    curve = kshot_curve(train, test, len(labels), kshot.k, kshot.seeds, probe_c)
+    probe_c_val = (
+        probe_c_on_val(train, val, len(labels), kshot.k, kshot.seeds, kshot.probe_c_grid)
+        if len(val)
+        else None
     )
     report = kshot_report(
-        curve, test, params.backbone.model_dump(), params.kshot.seeds, params.fewshot.probe_c
+        curve, test, params.backbone.model_dump(), kshot.seeds, probe_c, probe_c_val
     )
     write_kshot(report, paths.root / "reports", paths.plots)
     return report
