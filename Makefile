@@ -47,8 +47,13 @@ run: sample-data  ## run the Prefect training flow end to end (validate ... expo
 repro: sample-data  ## the same pipeline through plain `dvc repro`
 	$(BIN)/dvc repro
 
+# Tests run on TEST_WORKERS processes (pytest-xdist; 1 = in this process), each with one torch
+# thread: two workers with two threads each on two cores only wait on each other.
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP) test-serve  ## the whole test suite (slow end-to-end tests included) and test-serve
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 # The serving side alone: a venv with graft's `serve` extra and the test runner, no torch (the
 # same install as the Dockerfile's serve stage). Its tests use the committed fixture models.
@@ -66,7 +71,7 @@ test-serve: $(SERVE_STAMP)  ## server and predict tests in .venv-serve: the serv
 	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_predict.py
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py

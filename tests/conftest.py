@@ -25,6 +25,13 @@ TINY_PARAMS = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first: with `pytest -n 2 --dist worksteal` (make test) one worker starts
+    the end-to-end run at once while the other takes the rest, and steals from the first's queue
+    when it runs dry. The order is the same in every worker, as xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_environment():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

@@ -243,6 +243,7 @@ def test_a_transient_dvc_push_failure_is_retried(promoted_project, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_make_run_trains_a_blessed_model_on_the_sample_offline(tmp_path):
     """The README's main job on a fresh copy: real weights, full sample, the committed data.dvc."""
     root = tmp_path / "clone"

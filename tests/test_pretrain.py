@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from graft.files import read_json
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.pretrain import PretrainError
 from graft.stages import pretrain as pretrain_stage
+from tests import test_flow as flow_tests
 from tests.conftest import REPO_ROOT, make_project, write_params
 
 TINY_PRETRAIN = {
@@ -114,11 +113,8 @@ def test_pretrain_refuses_a_class_the_source_folder_lacks(tmp_path):
 
 
 def dvc(root: Path, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    """dvc's output; its stages find `graft` in this interpreter's scripts folder."""
+    return flow_tests.dvc(root, *args).stdout
 
 
 @pytest.mark.slow  # about a minute: validate, pretrain and features through `dvc repro`
