@@ -75,3 +75,48 @@ def test_an_mlp_head_is_trained_fine_tuned_and_its_curves_are_plotted(tiny_proje
     for (stage, name), rows in expected.items():
         (plot,) = rendered[f"dvclive/{stage}/plots/metrics/{name}"]
         assert len(plot["content"]["data"]["values"]) == rows, (stage, name)
+
+
+def _val_logits(paths) -> tuple[torch.Tensor, torch.Tensor]:
+    """The saved fine-tuned model's logits on the val images, and their labels."""
+    from graft.data.manifest import read_manifest
+    from graft.preprocessing import eval_transform, load_tensor_batch
+
+    checkpoint = load_checkpoint(paths.finetuned_model)
+    rows = read_manifest(paths.manifest).query("status == 'ok' and split == 'val'")
+    images = [paths.data / p for p in rows["path"]]
+    batch = load_tensor_batch(images, eval_transform(checkpoint.spec.data_config))
+    with torch.no_grad():
+        logits = build_classifier(checkpoint)(batch)
+    labels = torch.tensor([checkpoint.spec.labels.index(label) for label in rows["label"]])
+    return logits, labels
+
+
+def test_the_fine_tuned_model_is_temperature_scaled_on_val_without_changing_a_prediction(
+    tiny_project,
+):
+    # Strong label smoothing leaves the model unsure of itself: a temperature below 1 fixes it.
+    tuning = {"finetune": {"label_smoothing": 0.4, "calibrate": False}}
+    write_params(tiny_project.root, tuning)
+    run_stages(tiny_project, validate, features, train_head, finetune)
+    raw, labels = _val_logits(tiny_project)
+    assert read_json(tiny_project.metrics / "finetune.json")["calibration"] is None
+
+    tuning["finetune"]["calibrate"] = True
+    write_params(tiny_project.root, tuning)
+    finetune.main(tiny_project.root)  # the same seed and data: the same training
+    calibration = read_json(tiny_project.metrics / "finetune.json")["calibration"]
+    scaled, _ = _val_logits(tiny_project)
+    temperature = calibration["temperature"]
+    assert temperature < 0.9
+    assert torch.allclose(scaled, raw / temperature, rtol=1e-4, atol=1e-4)  # folded in
+    assert torch.equal(scaled.argmax(1), raw.argmax(1))  # accuracy cannot move
+    loss = torch.nn.functional.cross_entropy
+    assert float(loss(scaled, labels)) < float(loss(raw, labels))
+    assert calibration["val_nll"] == pytest.approx(float(loss(scaled, labels)), rel=1e-3)
+    assert calibration["val_nll_before"] == pytest.approx(float(loss(raw, labels)), rel=1e-3)
+    # (ECE over 27 val images of a tiny random model is noise; the end-to-end run checks it.)
+
+    evaluate.main(tiny_project.root)
+    report = tiny_project.evaluation_report.read_text()
+    assert f"divided by a temperature of {temperature:.3f}, fitted on val" in report

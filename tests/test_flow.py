@@ -274,6 +274,12 @@ def test_make_run_trains_a_blessed_model_on_the_sample_offline(tmp_path):
     assert evaluation["finetuned"]["accuracy"] >= 0.98
     assert evaluation["finetuned"]["accuracy"] > evaluation["head"]["accuracy"]
     assert {"head", "finetuned"} <= set(evaluation)
+    # Label smoothing left the fine-tuned model underconfident; the temperature fitted on val
+    # fixes that on val, and on test too.
+    calibration = read_json(paths.metrics / "finetune.json")["calibration"]
+    assert calibration["temperature"] < 1.0
+    assert calibration["val_ece"] < calibration["val_ece_before"] / 2
+    assert evaluation["finetuned"]["ece"] < 0.05
     exported = read_json(paths.metrics / "export.json")
     parity = exported["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] <= 1e-4

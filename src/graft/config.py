@@ -154,6 +154,9 @@ class FinetuneParams(_Section):
     """
 
     enabled: bool = True
+    calibrate: bool = Field(
+        True, description="fit a temperature on val and fold it into the classifier"
+    )
     unfreeze_blocks: int | list[int] = 1
     epochs: int | list[int] = 3
     lr: float = Field(1e-3, gt=0.0, description="peak LR of the head; layer-wise decay below it")

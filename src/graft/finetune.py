@@ -76,6 +76,7 @@ class FinetuneResult:
     stopped: str = "completed"
     candidates: dict[str, float] = field(default_factory=dict)
     resumed_at_epoch: int | None = None
+    val_logits: torch.Tensor | None = None  # the best model's, in the order of the val images
 
     @property
     def beats_head(self) -> bool:
@@ -314,6 +315,10 @@ def finetune(
     best = max(results, key=lambda r: (r.val_accuracy, -policies.index(r.bn)))
     best.candidates = {r.bn: r.val_accuracy for r in results}
     model.load_state_dict(best.state_dict)
+    model.eval()
+    with torch.inference_mode():  # what the best model says on val, e.g. to calibrate it
+        top = _Top(model, cut, cut)
+        best.val_logits = torch.cat([top(chunk.float()) for chunk in data.val.split(256)]).cpu()
     return best
 
 

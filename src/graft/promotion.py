@@ -100,7 +100,7 @@ def onnx_probabilities(model_path: Path, images: list[Path], batch_size: int = 6
     """Class probabilities of an exported model on ``images``, preprocessed as its metadata says."""
     from graft.export import onnx_logits, onnx_session, read_metadata
     from graft.preprocessing import eval_transform, load_tensor_batch
-    from graft.stages.evaluate import softmax
+    from graft.serving.model import softmax
 
     transform = eval_transform(read_metadata(model_path)["preprocessing"])
     session = onnx_session(model_path)

@@ -23,6 +23,7 @@ from graft.report import (
     save_misclassified_gallery,
     save_reliability_plot,
 )
+from graft.serving.model import softmax
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
@@ -114,8 +115,3 @@ def _metrics_summary(candidate: str, results: dict[str, Any], blessing: Blessing
     for name, metrics in results.items():
         summary[name] = {key: metrics[key] for key in SUMMARY_KEYS}
     return summary
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from graft.backbones import file_sha256
+from graft.calibration import fit_temperature, fold_temperature, negative_log_likelihood
 from graft.classifier import (
     Checkpoint,
     build_classifier,
@@ -24,6 +25,7 @@ from graft.classifier import (
 )
 from graft.config import load_params
 from graft.data.manifest import read_manifest
+from graft.evaluate import expected_calibration_error
 from graft.fewshot import finetune_skip_reason
 from graft.files import write_json, write_text_atomic
 from graft.finetune import (
@@ -94,6 +96,10 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     else:
         head_val = float(head.info["val_accuracy"])
         result = FinetuneResult(model.state_dict(), head_val, head_val, 0, [])
+    state_dict, calibration = result.state_dict, None
+    if run and settings.calibrate and len(val_y):
+        calibration = calibrate(model, result.val_logits.float().numpy(), val_y)
+        state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     candidate = "finetuned" if result.beats_head else "head"
     info = {
         "best_epoch": result.best_epoch,
@@ -101,7 +107,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
         "head": head_architecture_of(head),
         "candidate": candidate,
     }
-    save_checkpoint(paths.finetuned_model, Checkpoint(spec, "full", result.state_dict, info))
+    save_checkpoint(paths.finetuned_model, Checkpoint(spec, "full", state_dict, info))
     tuned = [r["val_accuracy"] for r in result.history if r["epoch"] > 0]
     write_json(
         paths.metrics / "finetune.json",
@@ -117,6 +123,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "bn_candidates": result.candidates,
             "stopped": result.stopped,
             "resumed_at_epoch": result.resumed_at_epoch,
+            "calibration": calibration,
         },
     )
     write_text_atomic(paths.plots / "finetune_history.csv", _history_csv(result.history))
@@ -132,7 +139,32 @@ def main(root: Path = Path(".")) -> FinetuneResult:
         f"finetune: val accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch} "
         f"(head alone: {result.head_val_accuracy:.4f}, BN {result.bn}); {verdict}"
     )
+    if calibration:
+        print(
+            f"finetune: temperature {calibration['temperature']:.3f} fitted on val: val ECE "
+            f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece']:.4f}, val NLL "
+            f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll']:.4f}"
+        )
     return result
+
+
+def calibrate(model, val_logits: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
+    """Fit a temperature on the model's val logits and fold it into its classifier."""
+    from scipy.special import softmax
+
+    temperature = fit_temperature(val_logits, val_labels)
+    fold_temperature(model.get_classifier(), temperature)
+    ece = {
+        t: expected_calibration_error(softmax(val_logits / t, axis=1), val_labels)[0]
+        for t in (1.0, temperature)
+    }
+    return {
+        "temperature": temperature,
+        "val_ece_before": ece[1.0],
+        "val_ece": ece[temperature],
+        "val_nll_before": negative_log_likelihood(val_logits, val_labels, 1.0),
+        "val_nll": negative_log_likelihood(val_logits, val_labels, temperature),
+    }
 
 
 def _print_epoch(record: dict, _model) -> None:
