@@ -47,7 +47,7 @@ run: sample-data  ## run the Prefect training flow end to end (validate ... expo
 repro: sample-data  ## the same pipeline through plain `dvc repro`
 	$(BIN)/dvc repro
 
-# Tests run on TEST_WORKERS processes (pytest-xdist; 1 = in this process), each with one torch
+# Tests run on TEST_WORKERS processes (pytest-xdist; 0 = in pytest's own), each with one torch
 # thread: two workers with two threads each on two cores only wait on each other.
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
