@@ -38,6 +38,7 @@ from graft.finetune import (
 from graft.live_log import write_live_log
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
+from graft.serving.model import softmax
 
 
 def checkpoint_dir(paths: ProjectPaths) -> Path:
@@ -150,12 +151,10 @@ def main(root: Path = Path(".")) -> FinetuneResult:
 
 def calibrate(model, val_logits: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
     """Fit a temperature on the model's val logits and fold it into its classifier."""
-    from scipy.special import softmax
-
     temperature = fit_temperature(val_logits, val_labels)
     fold_temperature(model.get_classifier(), temperature)
     ece = {
-        t: expected_calibration_error(softmax(val_logits / t, axis=1), val_labels)[0]
+        t: expected_calibration_error(softmax(val_logits / t), val_labels)[0]
         for t in (1.0, temperature)
     }
     return {
