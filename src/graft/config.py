@@ -319,7 +319,7 @@ class KShotParams(_Section):
     k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
     seeds: int = Field(5, ge=1, description="random draws of k images per class for each k")
     probe_c_grid: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0],
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0],
         description="the probe's C values scored on val, to choose fewshot.probe_c",
     )
 

@@ -8,7 +8,7 @@ come from the cache, so the curve costs seconds.
 
 The probe's strength ``fewshot.probe_c`` is a choice, so it is made on val, never on test: the
 same draws fit the probe with each C of ``kshot.probe_c_grid`` and score it on the val split, and
-the report says which C val prefers at each k beside the one in use.
+the report gives the C val chooses at each k (one-standard-error rule) beside the one in use.
 """
 
 from __future__ import annotations
