@@ -96,3 +96,31 @@ def test_stages_run_out_of_order_say_what_is_missing(tmp_path: Path, command: st
     result = graft(command, "--root", str(tmp_path))
     assert result.exit_code == 1
     assert "not found" in result.output and "Traceback" not in result.output
+
+
+def test_version_is_the_installed_distribution_version():
+    from importlib.metadata import version
+
+    result = graft("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"graft {version('graft')}"
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "advice"),
+    [
+        ("promote", "models/blessing.json", "run `dvc repro export` first."),
+        ("rollback", "models/production/previous.onnx", "there is no previous model"),
+    ],
+)
+def test_promote_and_rollback_without_an_export_say_it_once(
+    tmp_path: Path, command: str, missing: str, advice: str
+):
+    write_params(tmp_path)
+    result = graft(command, "--root", str(tmp_path))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.output.split())  # the terminal may wrap the line
+    assert message.startswith(f"graft {command}: {tmp_path / missing} not found: {advice}")
+    # one sentence of advice, not the default advice appended to a custom one
+    assert message.count("not found") == 1 and "is missing" not in message
+    assert "run the stage that writes it first" not in message

@@ -20,6 +20,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"graft {version('graft')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print graft's version."
+    ),
+) -> None:
+    pass  # the options above act in their callbacks; each sub-command does the work
+
+
 ROOT = typer.Option(Path("."), "--root", help="Project root: the folder holding params.yaml.")
 
 

@@ -6,10 +6,14 @@ class GraftError(Exception):
 
 
 class MissingInputError(GraftError, FileNotFoundError):
-    """A stage's input does not exist yet: an earlier stage has not run."""
+    """A stage's input does not exist yet: an earlier stage has not run.
 
-    def __init__(self, path: object) -> None:
-        super().__init__(
-            f"{path} not found: run the stage that writes it first "
+    The message is ``"<path> not found: <what to do>"``; ``fix`` replaces the default advice.
+    """
+
+    def __init__(self, path: object, fix: str | None = None) -> None:
+        fix = fix or (
+            "run the stage that writes it first "
             "(`dvc repro` or `make run` runs the stages in order)."
         )
+        super().__init__(f"{path} not found: {fix}")

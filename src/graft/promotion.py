@@ -90,7 +90,7 @@ def test_images(paths: ProjectPaths) -> tuple[list[Path], list[str]]:
     from graft.data.manifest import read_manifest
 
     if not paths.manifest.is_file():
-        raise MissingInputError(f"{paths.manifest} is missing: run `dvc repro` first.")
+        raise MissingInputError(paths.manifest, "run `dvc repro` first.")
     manifest = read_manifest(paths.manifest)
     test = manifest[(manifest["split"] == "test") & (manifest["status"] == "ok")]
     return [paths.data / p for p in test["path"]], [str(label) for label in test["label"]]
@@ -127,7 +127,7 @@ def measure(model_path: Path, images: list[Path], labels: list[str]) -> tuple[di
 def _check_export_is_current(paths: ProjectPaths) -> None:
     for path in (paths.blessing, paths.onnx_model, paths.metrics / "export.json"):
         if not path.is_file():
-            raise MissingInputError(f"{path} is missing: run `dvc repro export` first.")
+            raise MissingInputError(path, "run `dvc repro export` first.")
     export = read_json(paths.metrics / "export.json")
     if export.get("model_sha256") != sha256_of(paths.onnx_model) or export.get(
         "blessing_sha256"
@@ -215,7 +215,7 @@ def rollback(root: Path, params: Params) -> str:
     current, previous = production / "model.onnx", production / "previous.onnx"
     if not previous.is_file():
         raise MissingInputError(
-            f"There is no previous model to roll back to ({previous} is missing)."
+            previous, "there is no previous model to roll back to: production has had at most one."
         )
     restored = sha256_of(previous)
     outgoing = temporary_beside(current)
