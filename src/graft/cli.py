@@ -21,7 +21,6 @@ app = typer.Typer(
 )
 
 
-
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
