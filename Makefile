@@ -10,8 +10,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := False
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# mkdocs-material's banner about MkDocs 2.0 on every build
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help env dvc-remote run sample-data repro test test-serve test-fast bench lint format clean
+.PHONY: help env dvc-remote run sample-data repro test test-serve test-fast docs bench lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,7 +54,7 @@ repro: sample-data  ## the same pipeline through plain `dvc repro`
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test: $(STAMP) test-serve  ## the whole test suite (slow end-to-end tests included) and test-serve
+test: $(STAMP) docs test-serve  ## the docs build, the whole test suite (slow tests included) and test-serve
 	$(PYTEST)
 
 # The serving side alone: a venv with graft's `serve` extra and the test runner, no torch (the
@@ -72,6 +74,9 @@ test-serve: $(SERVE_STAMP)  ## server and predict tests in .venv-serve: the serv
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 	$(PYTEST) -m "not slow"
+
+docs: $(STAMP)  ## build the documentation site into site/ (strict: a broken link or anchor fails)
+	$(BIN)/mkdocs build --strict --quiet
 
 bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/finetune_prefix_cache.py
