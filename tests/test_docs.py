@@ -1,0 +1,348 @@
+"""The docs a newcomer follows: every command they show exists, and the README stays short.
+
+Commands are read from the shell code blocks of README.md and docs/**/*.md, and from inline code
+that starts with ``graft``, ``make``, ``dvc`` or ``python``. Each is checked against what it names:
+``graft`` sub-commands and options against the Typer app, ``make`` targets against the Makefile,
+``python FILE`` against the checkout, ``dvc`` commands against DVC's own argument parser, and
+``-S key=value`` against ``params.yaml``'s models. Params keys written in inline code must exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+import typer.main
+import yaml
+
+from graft.cli import app
+from graft.config import Params, ParamsError, parse_params
+from graft.params_reference import key_docs, params_reference_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+README_MAX_LINES = 150
+SHELL_LANGUAGES = {"bash", "sh", "shell", "console", ""}
+CHECKED_PROGRAMS = ("graft", "make", "dvc", "python", "python3", "pip")
+# Paths a reader is told to open or run: sources, not pipeline outputs (models/, reports/, ...).
+SOURCE_PATH = re.compile(
+    r"^(?:src|flows|bench|tests|transfer|docs|\.ci)/[\w./-]*\w$"
+    r"|^(?:dvc\.yaml|params\.yaml|prefect\.yaml|mkdocs\.yml|Dockerfile|Makefile|data\.dvc"
+    r"|pyproject\.toml)$"
+)
+FILE_SUFFIXES = (".py", ".json", ".md", ".yaml", ".yml", ".csv", ".png", ".onnx", ".pt", ".dvc")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command as written in a page: where, and its words."""
+
+    where: str
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.where}: {shlex.join(self.argv)}"
+
+
+def doc_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _split_commands(line: str) -> list[list[str]]:
+    """A shell line's simple commands: split on ``&&``, ``||``, ``;`` and ``|``, comments off."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    commands, words = [], []
+    try:
+        tokens = list(lexer)
+    except ValueError:  # an unbalanced quote: not a command a reader can run as written
+        return [line.split()]
+    for token in tokens:
+        if token and set(token) <= set(";&|"):
+            commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    return [words for words in [*commands, words] if words]
+
+
+def commands_in(text: str, where: str) -> list[Command]:
+    """The checked commands of one Markdown page."""
+    found = []
+    in_block, language, lines = False, "", []
+    for line in text.splitlines():
+        fence = re.match(r"^\s*```(\w*)", line)
+        if fence and not in_block:
+            in_block, language, lines = True, fence.group(1), []
+            continue
+        if fence and in_block:
+            in_block = False
+            if language in SHELL_LANGUAGES:
+                joined = "\n".join(lines).replace("\\\n", " ")
+                for shell_line in joined.splitlines():
+                    for words in _split_commands(shell_line):
+                        found.append(Command(where, tuple(words)))
+            continue
+        if in_block:
+            lines.append(line)
+            continue
+        for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", line):
+            words = span.split()
+            # `graft promote: ... not found` quotes a message, not a command
+            if words[0] in CHECKED_PROGRAMS and len(words) > 1 and not re.search(r":(\s|$)", span):
+                for words in _split_commands(span):
+                    found.append(Command(where, tuple(words)))
+    return [c for c in found if c.argv[0].split("/")[-1] in CHECKED_PROGRAMS]
+
+
+def inline_spans(text: str) -> list[str]:
+    """Inline code outside fenced blocks."""
+    outside = re.sub(r"(?ms)^\s*```.*?^\s*```", "", text)
+    return re.findall(r"(?<!`)`([^`\n]+)`(?!`)", outside)
+
+
+# --- what each program accepts ------------------------------------------------------------------
+
+
+def _graft_problem(args: list[str]) -> str | None:
+    group = typer.main.get_command(app)
+    context = click.Context(group, info_name="graft")
+    options = {opt for param in group.params for opt in param.opts + param.secondary_opts}
+    while args and args[0].startswith("-"):
+        if args[0] not in options | {"--help"}:
+            return f"graft has no option {args[0]}"
+        args = args[1:]
+    if not args:
+        return None
+    name, rest = args[0], args[1:]
+    command = group.get_command(context, name)
+    if command is None:
+        return f"graft has no sub-command {name!r}"
+    options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    for word in rest:
+        if word.startswith("-") and word != "-":
+            option = word.split("=", 1)[0]
+            if option not in options | {"--help"}:
+                return f"graft {name} has no option {option}"
+    return None
+
+
+def makefile_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"(?m)^([A-Za-z0-9_.-]+)\s*:(?!=)", text))
+
+
+def _make_problem(args: list[str]) -> str | None:
+    targets = makefile_targets()
+    for word in args:
+        if "=" in word or word.startswith("-"):
+            continue  # a variable (TEST_WORKERS=0) or a make option
+        if word not in targets:
+            return f"the Makefile has no target {word!r}"
+    return None
+
+
+def _python_problem(args: list[str]) -> str | None:
+    if not args or args[0] in ("-c",):
+        return None
+    if args[0] == "-m":
+        module = args[1]
+        if importlib.util.find_spec(module) is None:
+            return f"no module {module} to run with python -m"
+        return None
+    if not (ROOT / args[0]).is_file():
+        return f"{args[0]} does not exist"
+    return None
+
+
+def _set_params_problem(assignments: list[str]) -> str | None:
+    """``dvc exp run -S key=value``: the key must be a params.yaml key, the value valid for it."""
+    raw: dict = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        parse_params(raw)
+    except ParamsError as exc:
+        return f"-S {' '.join(assignments)}: {exc}"
+    return None
+
+
+def _dvc_problem(args: list[str]) -> str | None:
+    from dvc.cli import DvcParserError, parse_args
+
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            parsed = parse_args(args)
+    except (DvcParserError, SystemExit):
+        usage = output.getvalue().strip().splitlines()
+        return "dvc cannot parse it: " + (usage[-1] if usage else "")
+    assignments = getattr(parsed, "set_param", None) or []
+    return _set_params_problem(assignments) if assignments else None
+
+
+def _pip_problem(args: list[str]) -> str | None:
+    if args[:1] != ["install"]:
+        return None
+    for word in args[1:]:
+        if re.match(r"^graft(\[[\w,]+\])?([<>=!~].*)?$", word):
+            return (
+                f"`pip install {word}` installs an unrelated PyPI package: install from the clone"
+            )
+    return None
+
+
+def command_problem(command: Command) -> str | None:
+    """What is wrong with a command as documented, or None when everything it names exists."""
+    program, args = command.argv[0].split("/")[-1], list(command.argv[1:])
+    if program == "graft":
+        return _graft_problem(args)
+    if program == "make":
+        return _make_problem(args)
+    if program in ("python", "python3"):
+        return _python_problem(args)
+    if program == "dvc":
+        return _dvc_problem(args)
+    if program == "pip":
+        return _pip_problem(args)
+    return None
+
+
+def all_commands() -> list[Command]:
+    commands = []
+    for page in doc_pages():
+        commands += commands_in(page.read_text(), str(page.relative_to(ROOT)))
+    return commands
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def test_the_parser_finds_the_documented_commands_of_every_kind():
+    commands = all_commands()
+    programs = {command.argv[0] for command in commands}
+    assert len(commands) >= 80, len(commands)
+    assert {"graft", "make", "dvc", "python", "pip"} <= programs
+    assert any(command.argv[:2] == ("make", "run") for command in commands)
+    assert any(command.argv[:3] == ("dvc", "exp", "run") for command in commands)
+    assert any(command.argv[:2] == ("graft", "serve") for command in commands)
+
+
+def test_every_documented_command_exists():
+    problems = [
+        f"{command}  ->  {problem}"
+        for command in all_commands()
+        if (problem := command_problem(command))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ("graft trian-head", "no sub-command 'trian-head'"),
+        ("graft serve models/model.onnx --prot 8000", "graft serve has no option --prot"),
+        ("graft --verison", "graft has no option --verison"),
+        ("make docs && make tset", "no target 'tset'"),
+        ("python flows/no_such_flow.py", "flows/no_such_flow.py does not exist"),
+        ("python -m graft.no_such_module", "no module graft.no_such_module"),
+        ("dvc reproduce", "dvc cannot parse it"),
+        ("dvc exp run -S head.lrate=0.1", "unknown key 'head.lrate'"),
+        ("dvc exp run -S head.kind=cnn", "key 'head.kind'"),
+        ('pip install "graft[serve]"', "unrelated PyPI package"),
+    ],
+)
+def test_a_command_that_does_not_exist_is_reported(line: str, complaint: str):
+    page = f"Intro.\n\n```bash\nmake run   # fine\n{line}   # the broken one\n```\n"
+    commands = commands_in(page, "fake.md")
+    problems = [command_problem(command) for command in commands]
+    assert problems[0] is None  # make run
+    assert complaint in (problems[-1] or ""), problems
+
+
+def test_inline_commands_and_continuation_lines_are_read():
+    page = (
+        "Run `graft kshot --root here` or `make help`.\n\n"
+        "```bash\ngraft predict model.onnx photos/ \\\n    -o out.csv\n```\n"
+        "```python\nimport graft  # not a shell block\n```\n"
+    )
+    argvs = [command.argv for command in commands_in(page, "fake.md")]
+    assert argvs == [
+        ("graft", "kshot", "--root", "here"),
+        ("make", "help"),
+        ("graft", "predict", "model.onnx", "photos/", "-o", "out.csv"),
+    ]
+
+
+def test_every_params_key_named_in_the_docs_exists():
+    keys = {doc.key.replace("[]", "") for doc in key_docs()}
+    sections = set(Params.model_fields)
+    pattern = re.compile(rf"^(?:{'|'.join(sections)})\.[a-z_0-9.]+(?:\.\*)?$")
+    problems = []
+    for page in doc_pages():
+        for span in inline_spans(page.read_text()):
+            for word in re.split(r"[\s:=`,]+", span):
+                if not pattern.match(word) or word.endswith(FILE_SUFFIXES):
+                    continue
+                key = word.removesuffix(".*")
+                if key not in keys and not any(k.startswith(key + ".") for k in keys):
+                    problems.append(f"{page.relative_to(ROOT)}: `{span}` names no key {key}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_source_path_named_in_the_docs_exists():
+    problems = []
+    for page in doc_pages():
+        for span in inline_spans(page.read_text()):
+            for word in span.split():
+                if SOURCE_PATH.match(word) and not (ROOT / word).exists():
+                    problems.append(f"{page.relative_to(ROOT)}: {word} does not exist")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_is_short_and_its_links_lead_somewhere():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    assert len(links) >= 10
+    missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+    assert not missing
+
+
+def test_readme_keeps_the_two_commands_and_installs_from_the_clone():
+    readme = (ROOT / "README.md").read_text()
+    argvs = [command.argv for command in commands_in(readme, "README.md")]
+    assert ("make", "run") in argvs and ("make", "test") in argvs
+    assert ("pip", "install", ".[train]") in argvs
+
+
+def test_params_reference_lists_every_key_of_params_yaml_with_its_default():
+    reference = params_reference_markdown()
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def leaves(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "stage_timeouts_s":
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    missing = [key for key in leaves(shipped) if f"| `{key}` |" not in reference]
+    assert not missing
+    # a nested section's own defaults, not its class's: transfer trains at a lower LR
+    assert "| `transfer.training.lr` | float | `0.001` |" in reference
+    assert "| `pretrain.training.lr` | float | `0.005` |" in reference
+    assert "| `select.candidates[].name` | str | `required` |" in reference
+    assert "| `finetune.bn` | one of `frozen`, `adapt`, `auto` | `frozen` |" in reference
