@@ -133,6 +133,7 @@ def test_export_writes_a_checked_onnx_model_that_matches_the_evaluation(tiny_pro
     accuracy = read_json(tiny_project.metrics / "eval.json")["accuracy"]
     assert f"| {accuracy:.4f} |" in card and metadata["data_version"] in card
     assert "## Intended use" in card and "## Limitations" in card and "| 9 |" in card
+    assert "randomly initialised" in card and "ImageNet" not in card  # weights: random
     assert parity["images"] == len(load_feature_set(tiny_project.features / "test.npz"))
 
 

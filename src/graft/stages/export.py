@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import graft
-from graft.classifier import build_classifier, load_checkpoint
+from graft.classifier import build_classifier, head_architecture_of, load_checkpoint
 from graft.config import load_params
 from graft.export import (
     ExportRefused,
@@ -97,7 +97,10 @@ def main(root: Path = Path(".")) -> Parity:
         write_json(paths.int8_dir / "decision.json", {"kept": False, "reason": "export.int8 off"})
     candidate_metrics = read_json(paths.evaluation_details)[blessing["candidate"]]
     write_text_atomic(
-        paths.model_card, model_card_markdown(spec, metadata, candidate_metrics, parity, int8)
+        paths.model_card,
+        model_card_markdown(
+            spec, metadata, candidate_metrics, parity, int8, head_architecture_of(checkpoint)
+        ),
     )
     write_json(
         paths.metrics / "export.json",
