@@ -46,7 +46,10 @@ sample-data: $(STAMP)  ## write the embedded digits sample into data/ if data/ i
 run: sample-data  ## run the Prefect training flow end to end (validate ... export)
 	$(BIN)/python flows/training.py
 
-repro: sample-data  ## the same pipeline through plain `dvc repro`
+# graft check-data first: plain `dvc repro` records a changed data/ itself and replaces links
+# under it by copies; this stops instead, naming what changed (`dvc add data` records it).
+repro: sample-data  ## the same pipeline through `dvc repro`, after graft check-data
+	$(BIN)/graft check-data
 	$(BIN)/dvc repro
 
 # Tests run on TEST_WORKERS processes (pytest-xdist; 0 = in pytest's own), each with one torch

@@ -13,7 +13,13 @@ markdown run report it publishes (artifact key `graft-run-report`):
   (or **Exported** when the flow runs with `promote=False`);
 - **Refused**: a gate said no (the value gates at evaluate, or the change gates and infra check
   at promotion); the reasons are in the state message and the report; production is untouched;
-- **Failed**: a stage or a DVC transfer failed; the state message names the stage and the error.
+- **Failed**: a stage or a DVC transfer failed, or ``data/`` differs from ``data.dvc`` (checked
+  before ``dvc pull``, which would check the recorded version out over it; set
+  ``flow.record_data: true`` to record it instead); the state message names the step and the
+  error.
+
+Run as a script, it exits with graft's codes (graft.errors.ExitCode): 0 promoted or exported,
+3 refused, 4 the input needs attention (params.yaml, data/, a stage's bad input), 1 a failure.
 
 Failures and refusals notify the Prefect notification block named in `flow.notify_block`.
 Run it with `python flows/training.py [PROJECT_DIR]` (Prefect starts a temporary local server),
@@ -23,6 +29,7 @@ or deploy it on a schedule with `prefect deploy` (see prefect.yaml and the READM
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +43,7 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from graft.config import load_params
+from graft.errors import ExitCode, GraftError, exit_code_of
 from graft.files import read_json
 from graft.paths import ProjectPaths
 from graft.report import run_report_markdown
@@ -44,11 +52,16 @@ STAGES_BEFORE_GATE = ("validate", "features", "train_head", "finetune", "evaluat
 REPORT_KEY = "graft-run-report"
 
 
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero or ran past its time limit; its output is in the task log."""
+class StageFailed(GraftError):
+    """A DVC stage exited non-zero or ran past its time limit; its output is in the task log.
+    Its exit code is the stage's own when graft refused or named bad input, else FAILED."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-class DvcTransferFailed(RuntimeError):
+class DvcTransferFailed(GraftError):
     """`dvc pull` or `dvc push` failed (retried before the run fails)."""
 
 
@@ -101,7 +114,31 @@ def run_stage(stage: str, project_dir: Path, timeout_s: float) -> None:
             f"(flow.stage_timeouts_s.{stage} in params.yaml)"
         )
     if code != 0:
-        raise StageFailed(f"stage {stage} failed (exit {code}):\n{tail}")
+        raise StageFailed(f"stage {stage} failed (exit {code}):\n{tail}", _graft_exit_code(tail))
+
+
+def _graft_exit_code(dvc_output: str) -> ExitCode:
+    """The exit code of the graft command inside a failed `dvc repro`, as DVC reports it."""
+    found = re.findall(r"exited with (\d+)", dvc_output)
+    codes = {code.value for code in (ExitCode.REFUSED, ExitCode.BAD_INPUT)}
+    return ExitCode(int(found[-1])) if found and int(found[-1]) in codes else ExitCode.FAILED
+
+
+@task(task_run_name="check data")
+def check_data(project_dir: Path, record: bool) -> str:
+    """data/ against data.dvc, before `dvc pull` could check the recorded version out over it:
+    a difference stops the run (or is recorded with `dvc add --no-relink data`)."""
+    from graft.stages.check_data import main
+
+    found = main(project_dir, record=record)
+    messages = {
+        "untracked": "No data.dvc: data/ is not versioned by DVC (`dvc add data` versions it).",
+        "absent": "data/ is empty: dvc pull brings the version data.dvc records.",
+        "unchanged": "data/ is the version data.dvc records.",
+        "recorded": "data/ differed from data.dvc: recorded (flow.record_data: true).",
+    }
+    get_run_logger().info(messages[found])
+    return found
 
 
 def _has_dvc_remote(project_dir: Path) -> bool:
@@ -174,8 +211,10 @@ def training(project_dir: str = ".", promote: bool = True):
     params = load_params(paths.params)
     stages_done: list[str] = []
     promotion: dict[str, Any] | None = None
-    current = "dvc pull"
+    current = "check data"
     try:
+        check_data(paths.root, params.flow.record_data)
+        current = "dvc pull"
         dvc_transfer("pull", paths.root)
         for stage in STAGES_BEFORE_GATE:
             current = stage
@@ -217,6 +256,10 @@ def _publish(paths, outcome, reasons, stages_done, promotion) -> None:
 
 
 if __name__ == "__main__":
-    result = training(sys.argv[1] if len(sys.argv) > 1 else ".")
+    try:
+        result = training(sys.argv[1] if len(sys.argv) > 1 else ".")
+    except Exception as error:
+        print(f"graft training flow: failed: {error}", file=sys.stderr)
+        sys.exit(exit_code_of(error))
     print(f"graft training flow: {result['outcome']}")
-    sys.exit(0 if result["outcome"] in ("promoted", "exported") else 1)
+    sys.exit(ExitCode.OK if result["outcome"] in ("promoted", "exported") else ExitCode.REFUSED)

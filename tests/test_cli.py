@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from graft.cli import app
+from graft.errors import ExitCode
 from graft.sample_data import write_sample_data
 from tests.conftest import make_project, write_params
 
@@ -23,7 +24,7 @@ def test_empty_data_folder_is_a_clear_error(tmp_path: Path):
     write_params(tmp_path)
     (tmp_path / "data").mkdir()
     result = graft("validate", "--root", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.BAD_INPUT == 4
     assert "no images" in result.output and "graft sample-data" in result.output
     assert "Traceback" not in result.output
 
@@ -36,7 +37,7 @@ def test_a_single_class_is_a_clear_error(tmp_path: Path):
                 image.unlink()
             folder.rmdir()
     result = graft("validate", "--root", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.BAD_INPUT
     assert "class" in result.output and "'7'" in result.output
     assert "Traceback" not in result.output
 
@@ -46,7 +47,7 @@ def test_unknown_params_key_stops_a_stage_naming_the_key(tmp_path: Path):
     params = tmp_path / "params.yaml"
     params.write_text(params.read_text().replace("finetune:", "finetune:\n  epocs: 3", 1))
     result = graft("validate", "--root", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.BAD_INPUT
     assert "unknown key 'finetune.epocs'" in result.output
 
 
@@ -84,7 +85,7 @@ def test_sample_data_never_writes_into_a_folder_with_files(tmp_path: Path):
     (data / "mine").mkdir(parents=True)
     (data / "mine" / "photo.jpg").write_bytes(b"precious")
     result = graft("sample-data", "--dest", str(data))
-    assert result.exit_code == 1 and "not empty" in result.output
+    assert result.exit_code == ExitCode.BAD_INPUT and "not empty" in result.output
     assert graft("sample-data", "--dest", str(data), "--if-empty").exit_code == 0
     assert [p.name for p in data.rglob("*") if p.is_file()] == ["photo.jpg"]
     assert (data / "mine" / "photo.jpg").read_bytes() == b"precious"
@@ -94,7 +95,7 @@ def test_sample_data_never_writes_into_a_folder_with_files(tmp_path: Path):
 def test_stages_run_out_of_order_say_what_is_missing(tmp_path: Path, command: str):
     write_params(tmp_path)
     result = graft(command, "--root", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.BAD_INPUT
     assert "not found" in result.output and "Traceback" not in result.output
 
 
@@ -118,9 +119,35 @@ def test_promote_and_rollback_without_an_export_say_it_once(
 ):
     write_params(tmp_path)
     result = graft(command, "--root", str(tmp_path))
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == ExitCode.BAD_INPUT and "Traceback" not in result.output
     message = " ".join(result.output.split())  # the terminal may wrap the line
     assert message.startswith(f"graft {command}: {tmp_path / missing} not found: {advice}")
     # one sentence of advice, not the default advice appended to a custom one
     assert message.count("not found") == 1 and "is missing" not in message
     assert "run the stage that writes it first" not in message
+
+
+def test_a_refusal_a_bad_input_a_failure_and_a_wrong_command_line_exit_differently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    paths = make_project(tmp_path, per_class=6)
+    paths.blessing.parent.mkdir(parents=True)
+    paths.blessing.write_text(
+        '{"passed": false, "candidate": "head", "reasons": ["accuracy 0.5 below the minimum"]}'
+    )
+    refused = graft("export", "--root", str(tmp_path))
+    assert refused.exit_code == ExitCode.REFUSED == 3, refused.output
+    assert "not blessed" in refused.output and "Traceback" not in refused.output
+
+    from graft.head import HeadError
+    from graft.stages import train_head
+
+    def diverges(root):
+        raise HeadError("The head's training loss became nan in epoch 3: lower head.lr.")
+
+    monkeypatch.setattr(train_head, "main", diverges)
+    failed = graft("train-head", "--root", str(tmp_path))
+    assert failed.exit_code == ExitCode.FAILED == 1 and "loss became nan" in failed.output
+
+    assert graft("validate", "--no-such-option").exit_code == ExitCode.USAGE == 2
+    assert "Exit status: 0 done, 1 failure" in graft("--help").output

@@ -123,7 +123,7 @@ def test_without_output_the_csv_goes_to_standard_output_and_named_files_are_alwa
 def test_unusable_arguments_stop_with_a_message_naming_them(tmp_path, args, message):
     args = [a.format(tmp=tmp_path, images=IMAGES) for a in args]
     result = graft_predict(DIGITS_MODEL, *args)
-    assert result.returncode == 1 and message in result.stderr
+    assert result.returncode == 4 and message in result.stderr  # ExitCode.BAD_INPUT
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.txt").exists()
 
@@ -131,12 +131,12 @@ def test_unusable_arguments_stop_with_a_message_naming_them(tmp_path, args, mess
 def test_a_model_that_cannot_be_used_stops_with_a_message(tmp_path):
     not_onnx = tmp_path / "model.onnx"
     not_onnx.write_bytes(b"\x08\x01garbage")
-    for model, message in (
-        (tmp_path / "nope.onnx", "not found"),
-        (not_onnx, "not a usable ONNX model"),
-        (NAN_MODEL, "non-finite logits"),
+    for model, message, exit_code in (  # ExitCode: BAD_INPUT for the file given, FAILED
+        (tmp_path / "nope.onnx", "not found", 4),
+        (not_onnx, "not a usable ONNX model", 4),
+        (NAN_MODEL, "non-finite logits", 1),
     ):
         result = graft_predict(model, IMAGES, "-o", tmp_path / "p.json")
-        assert result.returncode == 1, model
+        assert result.returncode == exit_code, model
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "p.json").exists()

@@ -429,7 +429,7 @@ def test_a_model_that_cannot_be_served_stops_graft_serve_with_a_clear_error(tmp_
             text=True,
             timeout=120,
         )
-        assert result.returncode == 1
+        assert result.returncode == 4  # ExitCode.BAD_INPUT: the model file given
         assert message in result.stderr and str(model) in result.stderr
         assert "Traceback" not in result.stderr
 

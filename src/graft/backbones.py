@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from graft.errors import GraftError
+from graft.errors import InputError
 
 # timm name -> (module, class exposing get_model_file_path(), sha256 of the .pth it ships)
 PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
@@ -48,7 +48,7 @@ PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class WeightsError(GraftError):
+class WeightsError(InputError):
     """Pretrained weights are missing, unreadable, or not the ones expected."""
 
 

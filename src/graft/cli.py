@@ -12,10 +12,14 @@ from pathlib import Path
 
 import typer
 
-from graft.errors import GraftError
+from graft.errors import ExitCode, GraftError
 
 app = typer.Typer(
     help="graft: transfer learning on images — validate, embed, train, fine-tune, gate, export.",
+    epilog=(
+        "Exit status: 0 done, 1 failure, 2 wrong command line, 3 refused by a gate, "
+        "4 input needs attention (params.yaml, data, a file given)."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -43,12 +47,13 @@ ROOT = typer.Option(Path("."), "--root", help="Project root: the folder holding 
 
 @contextmanager
 def _reported(command: str) -> Iterator[None]:
-    """A GraftError becomes one red line naming the command, and exit status 1 (no traceback)."""
+    """A GraftError becomes one red line naming the command, and its class's exit status
+    (graft.errors.ExitCode; no traceback)."""
     try:
         yield
     except GraftError as exc:
         typer.secho(f"graft {command}: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _run_stage(name: str, root: Path) -> None:
@@ -75,8 +80,23 @@ def sample_data(
         count = write_sample_data(dest, per_class)
     except FileExistsError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     typer.echo(f"Wrote {count} sample images into {dest}/.")
+
+
+@app.command("check-data")
+def check_data(
+    root: Path = ROOT,
+    record: bool = typer.Option(
+        False, "--record", help="Record a changed data/ (`dvc add --no-relink data`)."
+    ),
+) -> None:
+    """Before DVC touches data/: stop if it differs from data.dvc or holds what DVC cannot version."""
+    from graft.stages.check_data import main
+
+    with _reported("check-data"):
+        found = main(root, record=record)
+    typer.echo(f"data/: {found}")
 
 
 @app.command()

@@ -12,10 +12,10 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from graft.errors import GraftError
+from graft.errors import InputError
 
 
-class ParamsError(GraftError, ValueError):
+class ParamsError(InputError, ValueError):
     """``params.yaml`` is missing, unreadable, or holds an unknown or ill-typed key."""
 
 
@@ -33,6 +33,9 @@ class DataParams(_Section):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     min_size: int = Field(8, ge=1, description="smallest accepted width or height, in pixels")
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused undecoded")
+    max_file_bytes: int = Field(
+        128 * 1024 * 1024, ge=1, description="larger files are quarantined (too_large) unread"
+    )
     max_class_imbalance: float = Field(
         10.0, ge=1.0, description="largest class / smallest class, in usable images"
     )
@@ -244,6 +247,11 @@ class FlowParams(_Section):
     )
     notify_block: str = Field(
         "", description="name of a saved Prefect notification block; empty: no notification"
+    )
+    record_data: bool = Field(
+        False,
+        description="data/ differs from data.dvc: true records it (`dvc add --no-relink data`) "
+        "before the run; false stops the run naming what changed",
     )
 
     @field_validator("stage_timeouts_s")

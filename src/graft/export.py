@@ -13,12 +13,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from graft.errors import GraftError
+from graft.errors import Refused
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
-class ExportRefused(GraftError):
+class ExportRefused(Refused):
     """The candidate may not be exported (not blessed, or parity out of tolerance)."""
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from graft.config import Params
 from graft.data.manifest import read_manifest
 from graft.embedding import embed
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.evaluate import bootstrap_accuracy_interval
 from graft.features import FeatureSet
 from graft.fewshot import LinearWeights, fit_probe, fit_prototypes
@@ -31,7 +31,7 @@ from graft.paths import ProjectPaths
 HEADS = ("prototype", "probe")
 
 
-class KShotError(GraftError):
+class KShotError(InputError):
     """The k-shot curve cannot be drawn from this data."""
 
 

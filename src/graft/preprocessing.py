@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from graft.data.images import ImageRejected, decode_image
-from graft.errors import GraftError
+from graft.errors import InputError
 
 ImageSource = Path | bytes  # a file, or its bytes (shipped to a remote worker)
 
 
-class UnreadableImageError(GraftError):
+class UnreadableImageError(InputError):
     """An image the manifest lists as usable does not decode any more."""
 
 

@@ -38,7 +38,7 @@ from graft.backbones import (
 from graft.classifier import attach_head
 from graft.config import FinetuneParams, HeadParams, PretrainParams, TrainingParams
 from graft.engines import Engine, make_runner
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.features import forward_in_batches
 from graft.files import replacing, write_json
 from graft.finetune import finetune
@@ -48,7 +48,7 @@ from graft.preprocessing import eval_transform
 WEIGHTS_NAME = "backbone.safetensors"
 
 
-class PretrainError(GraftError):
+class PretrainError(InputError):
     """The source task cannot be trained as configured."""
 
 

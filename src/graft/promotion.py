@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 
 from graft.config import Params
-from graft.errors import GraftError, MissingInputError
+from graft.errors import MissingInputError, Refused
 from graft.evaluate import GateCheck, change_checks, classification_metrics
 from graft.files import read_json, replacing, temporary_beside, write_json, write_text_atomic
 from graft.paths import ProjectPaths
 
 
-class PromotionRefused(GraftError):
+class PromotionRefused(Refused):
     """The exported model may not replace the production model; production is untouched."""
 
 

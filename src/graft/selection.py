@@ -33,7 +33,7 @@ from graft.config import BackboneCandidate, BackboneParams, Params, ParamsError,
 from graft.data.manifest import read_manifest
 from graft.embedding import embed, embedding_key
 from graft.engines import make_runner
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.feature_cache import FeatureCache
 from graft.features import FeatureSet
 from graft.files import write_json, write_text_atomic
@@ -43,7 +43,7 @@ from graft.preprocessing import eval_transform, load_tensor_batch
 BACKBONE_KEYS = ("name", "weights", "sha256")
 
 
-class SelectionError(GraftError):
+class SelectionError(InputError):
     """The candidates cannot be compared, or params.yaml cannot be edited safely."""
 
 

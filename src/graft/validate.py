@@ -23,12 +23,12 @@ from graft.data.expectations import run_manifest_expectations
 from graft.data.layout import Layout, LayoutError, discover_images
 from graft.data.manifest import DUPLICATE, build_manifest
 from graft.data.splits import SPLITS
-from graft.errors import GraftError
+from graft.errors import InputError
 
 MAX_LISTED_FILES = 20
 
 
-class DataValidationError(GraftError, ValueError):
+class DataValidationError(InputError, ValueError):
     """The data folder cannot be trained on; the message names the rule and the fix."""
 
 

@@ -24,7 +24,7 @@ from graft.config import DataParams
 from graft.data.images import ImageRejected, decode_image
 from graft.data.layout import ImageFile, Layout, discover_images
 from graft.data.splits import assign_split, split_position
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.files import write_text_atomic
 from graft.progress import progress
 
@@ -49,7 +49,7 @@ DUPLICATE = "duplicate"
 _MAX_DECODE_THREADS = 8
 
 
-class ManifestError(GraftError, ValueError):
+class ManifestError(InputError, ValueError):
     """A manifest file that is missing columns graft needs."""
 
 

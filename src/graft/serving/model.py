@@ -24,7 +24,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from graft.data.images import decode_image
-from graft.errors import GraftError
+from graft.errors import GraftError, InputError
 from graft.serving.limits import DEFAULT_MAX_PIXELS
 
 # timm's names for Pillow's resampling filters (timm.data.transforms.str_to_interp_mode).
@@ -41,7 +41,7 @@ CROP_MODES = ("center", "squash")
 DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 0.875, "center"
 
 
-class ModelError(GraftError):
+class ModelError(InputError):
     """A model file that cannot be served: missing, not ONNX, or not exported by graft."""
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from graft.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, ImageRejected
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.files import write_text_atomic
 from graft.progress import progress
 from graft.serving.limits import DEFAULT_MAX_PIXELS
@@ -34,7 +34,7 @@ FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS
 OUTPUT_FORMATS = (".csv", ".json")
 
 
-class PredictInputError(GraftError):
+class PredictInputError(InputError):
     """A path given to ``graft predict`` does not exist, or the output format is unknown."""
 
 

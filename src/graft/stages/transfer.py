@@ -19,7 +19,7 @@ import torch
 from graft.backbones import Backbone, create_backbone
 from graft.config import load_params
 from graft.data.manifest import read_manifest
-from graft.errors import GraftError
+from graft.errors import InputError
 from graft.files import replacing, write_json, write_text_atomic
 from graft.paths import ProjectPaths
 from graft.pretrain import load_sidecar, task_data, with_data_config
@@ -29,7 +29,7 @@ PLOTS = Path("plots") / "transfer"
 COMMAND = "dvc repro transfer/dvc.yaml  # or: graft pretrain && graft transfer-report"
 
 
-class TransferError(GraftError):
+class TransferError(InputError):
     """The transfer report cannot run as configured."""
 
 

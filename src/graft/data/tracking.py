@@ -1,0 +1,81 @@
+"""What DVC cannot version under the data folder, found before DVC is asked to.
+
+DVC follows every link when it hashes ``data/``: a broken link or a link loop makes ``dvc status``,
+``dvc add`` and ``dvc repro`` fail, a FIFO makes them wait forever, and a link to a file outside
+the data folder copies that file into the DVC cache (and on to the remote) while ``dvc add`` or
+``dvc repro`` replaces the link by the copy. ``graft validate`` alone quarantines such entries;
+a project that versions ``data/`` with DVC has to fix them first, and this says which. Nothing
+here opens a file for reading or writes anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+# Each entry's problem, in the words of the manifest's quarantine reasons.
+BROKEN_SYMLINK = "broken_symlink"
+SYMLINK_LOOP = "symlink_loop"
+SYMLINK_OUTSIDE_DATA = "symlink_outside_data"
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+
+
+@dataclass(frozen=True)
+class Unversionable:
+    """An entry under the data folder that DVC would fail on, hang on, or copy from outside.
+
+    Attributes:
+        relative: its path below the data folder, ``/``-separated (undecodable bytes escaped).
+        problem: ``broken_symlink``, ``symlink_loop``, ``symlink_outside_data`` or
+            ``not_a_regular_file`` (a FIFO, socket or device).
+    """
+
+    relative: str
+    problem: str
+
+
+def find_unversionable(data_dir: Path) -> list[Unversionable]:
+    """Every entry below ``data_dir`` (hidden ones too: DVC versions them) that DVC cannot
+    version as it is, sorted by path. Links into the data folder itself are fine."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return []
+    root = Path(os.path.realpath(data_dir))
+    found: list[Unversionable] = []
+    _scan(data_dir, data_dir, root, found)
+    return sorted(found, key=lambda entry: entry.relative)
+
+
+def _scan(directory: Path, data_dir: Path, root: Path, found: list[Unversionable]) -> None:
+    with os.scandir(directory) as entries:
+        listed = list(entries)
+    for entry in listed:
+        path = Path(entry.path)
+        problem = _problem(path, root)
+        if problem:
+            relative = path.relative_to(data_dir).as_posix()
+            found.append(
+                Unversionable(
+                    relative.encode(errors="surrogateescape").decode(
+                        "utf-8", errors="backslashreplace"
+                    ),
+                    problem,
+                )
+            )
+        elif entry.is_dir(follow_symlinks=False):
+            _scan(path, data_dir, root, found)
+
+
+def _problem(path: Path, root: Path) -> str:
+    try:
+        info = path.stat()  # follows links, as DVC does
+    except OSError as exc:
+        return SYMLINK_LOOP if exc.errno == errno.ELOOP else BROKEN_SYMLINK
+    if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+        return SYMLINK_OUTSIDE_DATA
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        return NOT_A_REGULAR_FILE
+    return ""
