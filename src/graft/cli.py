@@ -91,7 +91,8 @@ def check_data(
         False, "--record", help="Record a changed data/ (`dvc add --no-relink data`)."
     ),
 ) -> None:
-    """Before DVC touches data/: stop if it differs from data.dvc or holds what DVC cannot version."""
+    """Before DVC touches data/: stop if it differs from data.dvc or holds what DVC cannot
+    version (broken or outside links, FIFOs)."""
     from graft.stages.check_data import main
 
     with _reported("check-data"):
