@@ -84,7 +84,12 @@ def test_health_readiness_and_metadata_describe_the_served_file(client):
         "max_batch": 4,
         "default_top_k": 5,
     }
-    assert meta["reload"] == {"interval_s": 0.0, "reloads": 0, "last_error": None}
+    assert meta["reload"] == {
+        "interval_s": 0.0,
+        "reloads": 0,
+        "failed_reloads": 0,
+        "last_error": None,
+    }
 
 
 def test_predictions_on_real_digits_equal_onnxruntime_run_directly(client):

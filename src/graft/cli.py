@@ -268,15 +268,52 @@ def serve(
     reload_interval: float = typer.Option(
         2.0, min=0, help="Seconds between checks for a replaced model file; 0 never reloads."
     ),
-    threads: int = typer.Option(0, min=0, help="onnxruntime threads per inference; 0: all cores."),
+    threads: int = typer.Option(
+        0, min=0, help="onnxruntime threads per worker; 0: the cores divided among the workers."
+    ),
+    workers: int = typer.Option(
+        1, min=1, help="Server processes; each loads the model (memory x N) and takes the limits."
+    ),
+    max_connections: int = typer.Option(
+        256, min=1, help="Open connections per worker; more get 503 with Retry-After."
+    ),
+    max_concurrent_uploads: int = typer.Option(
+        16, min=1, help="Bodies read or classified at once per worker; more get 503."
+    ),
+    header_timeout: float = typer.Option(
+        10.0, min=0.1, help="Seconds to send a request's headers; then 408 and close."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, min=0.1, help="Seconds to send a request's body; then 408."
+    ),
+    log_format: str = typer.Option(
+        "text", help="text, or json: one JSON object per line (request id, status, latency...)."
+    ),
+    docs: bool = typer.Option(True, help="Serve the interactive API docs at /docs and /redoc."),
+    model_name: str = typer.Option(
+        "graft", help="The model's name in the Open Inference Protocol (/v2/models/NAME)."
+    ),
 ) -> None:
-    """Serve MODEL over HTTP: POST /predict, GET /healthz, /readyz, /metadata."""
-    from graft.serving.app import run_server
-    from graft.serving.limits import Limits
+    """Serve MODEL over HTTP: POST /predict, /v2 (KServe), GET /healthz, /readyz, /metadata,
+    /metrics, /docs."""
+    from graft.serving.limits import Limits, ServerLimits
+    from graft.serving.server import ServeSettings, run_server, threads_per_worker
 
-    limits = Limits(max_body_bytes, max_pixels, max_batch, top_k)
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("text or json", param_hint="--log-format")
+    settings = ServeSettings(
+        model_path=str(model),
+        limits=Limits(max_body_bytes, max_pixels, max_batch, top_k),
+        server_limits=ServerLimits(
+            max_connections, max_concurrent_uploads, header_timeout, body_timeout
+        ),
+        reload_interval_s=reload_interval,
+        threads=threads_per_worker(threads, workers),
+        model_name=model_name,
+        docs=docs,
+    )
     with _reported("serve"):
-        run_server(model, host, port, limits, reload_interval, threads or None)
+        run_server(settings, host, port, workers, log_format)
 
 
 @app.command()

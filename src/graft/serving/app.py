@@ -54,13 +54,12 @@ stays.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,36 +67,36 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from graft.data.images import ImageRejected
-from graft.serving.limits import Limits
+from graft.serving.inputs import (
+    RequestRejected,
+    UploadSlots,
+    check_batch,
+    classify_images,
+    read_body,
+)
+from graft.serving.limits import Limits, ServerLimits
 from graft.serving.model import (
     FileIdentity,
     ModelError,
     NonFiniteOutputError,
-    Prediction,
     ServedModel,
-    decode,
     load_model,
 )
+from graft.serving.observability import Metrics, Observe
+from graft.serving.server import ServeSettings
+from graft.serving.v2 import v2_error, v2_router
 
 log = logging.getLogger("graft.serving")
 
 RAW_MEDIA_TYPES = ("application/octet-stream",)
-
-
-class RequestRejected(Exception):
-    """A request the server refuses: becomes ``{"detail": {"reason", "message"}}``."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
 
 
 class ReloadingModel:
@@ -105,13 +104,23 @@ class ReloadingModel:
 
     ``current`` is read once per request and never mutated: a reload builds and warms a new
     :class:`ServedModel`, then rebinds ``current`` (one atomic reference assignment).
+    ``on_reload(model)`` and ``on_failure(message)`` are told of each outcome.
     """
 
-    def __init__(self, path: Path, interval_s: float, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float,
+        threads: int | None = None,
+        on_reload: Callable[[ServedModel], None] = lambda model: None,
+        on_failure: Callable[[str], None] = lambda message: None,
+    ) -> None:
         self.path, self.interval_s, self.threads = Path(path), interval_s, threads
+        self.on_reload, self.on_failure = on_reload, on_failure
         self.current = self._load()
         self.loaded_at = _now()
         self.reloads = 0
+        self.failed_reloads = 0
         self.last_error: str | None = None
         self._failed: FileIdentity | None = None
         self._stop = threading.Event()
@@ -133,10 +142,12 @@ class ReloadingModel:
             return False
         try:
             model = self._load()
-        except ModelError as exc:
+        except (ModelError, OSError) as exc:  # OSError: e.g. a file the server may not read
             self._failed = identity
+            self.failed_reloads += 1
             self.last_error = f"{exc}; still serving {self.current.version}"
             log.warning("graft serve: reload refused: %s", self.last_error)
+            self.on_failure(self.last_error)
             return False
         previous, self.current = self.current, model
         self.loaded_at, self.reloads, self.last_error, self._failed = (
@@ -146,6 +157,7 @@ class ReloadingModel:
             None,
         )
         log.info("graft serve: reloaded %s: %s -> %s", self.path, previous.version, model.version)
+        self.on_reload(model)
         return True
 
     def start(self) -> None:
@@ -163,23 +175,137 @@ class ReloadingModel:
         while not self._stop.wait(self.interval_s):
             try:
                 self.check()
-            except Exception:  # the watcher must outlive any surprise; the old model serves on
+            except Exception as exc:  # the watcher must outlive any surprise; the old model
+                self.last_error = f"reload check failed: {exc!r}"  # serves on, and it is told
                 log.exception("graft serve: reload check failed")
 
 
-def create_app(
-    model_path: str | Path,
-    limits: Limits | None = None,
-    reload_interval_s: float = 2.0,
-    threads: int | None = None,
-) -> FastAPI:
-    """The FastAPI application serving ``model_path``; loads and warms the model first.
+@dataclass
+class ServingState:
+    """What every route shares: the model, the limits, the upload slots and the metrics."""
+
+    model: ReloadingModel
+    model_name: str
+    limits: Limits
+    server_limits: ServerLimits
+    uploads: UploadSlots
+    metrics: Metrics
+
+    async def read_body(self, request: Request) -> bytes:
+        return await read_body(
+            request, self.limits.max_body_bytes, self.server_limits.body_timeout_s
+        )
+
+
+# ---- The documented contract (OpenAPI): what /docs shows and lets a user try. ----
+
+
+class TopLabel(BaseModel):
+    label: str
+    probability: float = Field(ge=0, le=1, description="softmax probability")
+
+
+class ImagePrediction(BaseModel):
+    filename: str | None = Field(description="the part's file name; null for a raw body")
+    label: str = Field(description="the most probable label")
+    probability: float = Field(ge=0, le=1)
+    top_k: list[TopLabel] = Field(description="most probable first")
+
+
+class ModelRef(BaseModel):
+    sha256: str = Field(description="of the served ONNX file")
+    version: str = Field(description="the first 12 hex digits of sha256")
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[ImagePrediction] = Field(description="one per image, in the order sent")
+
+
+class ErrorDetail(BaseModel):
+    reason: str = Field(description="a stable code, e.g. not_an_image, body_too_large")
+    message: str = Field(description="what is wrong and what to do")
+
+
+class ErrorResponse(BaseModel):
+    detail: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model: ModelRef
+
+
+_BINARY = {"type": "string", "format": "binary"}
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body (any image/* type or "
+        "application/octet-stream), or images as multipart/form-data file parts (any field "
+        "name, answered in order).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": _BINARY}},
+                }
+            },
+            "image/png": {"schema": _BINARY},
+            "image/jpeg": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY},
+        },
+    }
+}
+
+
+def _errors(*cases: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": text} for status, text in cases}
+
+
+PREDICT_ERRORS = _errors(
+    (400, "empty, not_an_image, truncated, unsupported_format, too_small, empty_batch"),
+    (408, "body_timeout: the body took longer than --body-timeout"),
+    (413, "body_too_large, too_many_pixels, batch_too_large"),
+    (415, "unsupported_media_type"),
+    (422, "malformed_multipart, not_a_file, invalid_parameter"),
+    (500, "non_finite_output: the model itself is broken"),
+    (503, "too_many_uploads or too_many_connections; see Retry-After"),
+)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The FastAPI application serving ``settings.model_path``; loads and warms the model first.
 
     Raises:
         ModelError: if the model cannot be served (before anything listens).
     """
-    limits = limits or Limits()
-    served = ReloadingModel(Path(model_path), reload_interval_s, threads)
+    limits, metrics = settings.limits, Metrics()
+    served = ReloadingModel(
+        Path(settings.model_path),
+        settings.reload_interval_s,
+        settings.threads,
+        on_reload=lambda model: (
+            metrics.reloads.inc(),
+            metrics.serving(model.sha256, model.version),
+        ),
+        on_failure=lambda message: metrics.reload_failures.inc(),
+    )
+    metrics.serving(served.current.sha256, served.current.version)
+    state = ServingState(
+        served,
+        settings.model_name,
+        limits,
+        settings.server_limits,
+        UploadSlots(
+            settings.server_limits.max_concurrent_uploads, settings.server_limits.retry_after_s
+        ),
+        metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -189,19 +315,30 @@ def create_app(
         finally:
             served.stop()
 
-    app = FastAPI(title="graft serve", lifespan=lifespan)
-    app.state.model = served
+    docs = "/docs" if settings.docs else None
+    app = FastAPI(
+        title="graft serve",
+        version=served.current.version,
+        description="Image classification with the exported ONNX model. Errors are "
+        '`{"detail": {"reason", "message"}}` (the Open Inference Protocol\'s under /v2: '
+        '`{"error"}`).',
+        lifespan=lifespan,
+        docs_url=docs,
+        redoc_url="/redoc" if settings.docs else None,
+    )
+    app.state.serving = state
+    app.add_middleware(Observe, metrics=metrics)
     _add_error_handlers(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process runs")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Ready, summary="Readiness: a model is loaded and warm")
     def readyz() -> dict[str, Any]:
         return {"status": "ready", "model": _model_ref(served.current)}
 
-    @app.get("/metadata")
+    @app.get("/metadata", summary="Labels, preprocessing, the model file, limits, reloads")
     def metadata() -> dict[str, Any]:
         model = served.current
         return {
@@ -216,19 +353,38 @@ def create_app(
             },
             "metadata": model.metadata,
             "limits": asdict(limits),
+            "server_limits": asdict(settings.server_limits),
             "reload": {
                 "interval_s": served.interval_s,
                 "reloads": served.reloads,
+                "failed_reloads": served.failed_reloads,
                 "last_error": served.last_error,
             },
         }
 
-    @app.post("/predict")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=PREDICT_ERRORS,
+        openapi_extra=PREDICT_BODY,
+        summary="Classify one image (raw body) or several (multipart)",
+    )
     async def predict(
         request: Request,
         top_k: int | None = Query(None, ge=1, description="labels per image, most probable first"),
     ) -> JSONResponse:
         model = served.current  # this request's model, whatever a reload does meanwhile
+        request.state.model_version = model.version
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         multipart = media_type == "multipart/form-data"
         if not multipart and not (media_type.startswith("image/") or media_type in RAW_MEDIA_TYPES):
@@ -238,22 +394,15 @@ def create_app(
                 f"Content-Type '{media_type or '(none)'}' is not accepted: send one image as "
                 "the body (image/* or application/octet-stream) or images as multipart/form-data.",
             )
-        body = await _read_body(request, limits.max_body_bytes)
-        if multipart:
-            images = await _multipart_images(request, body)
-        else:
-            images = [(None, body)]
-        if not images:
-            raise RequestRejected(400, "empty_batch", "The form holds no image files.")
-        if len(images) > limits.max_batch:
-            raise RequestRejected(
-                413,
-                "batch_too_large",
-                f"{len(images)} images in one request; the limit is {limits.max_batch} "
-                "(--max-batch): split the batch.",
+        async with state.uploads.take():
+            body = await state.read_body(request)
+            images = await _multipart_images(request, body) if multipart else [(None, body)]
+            request.state.images = len(images)
+            check_batch(len(images), limits.max_batch)
+            k = top_k or limits.default_top_k
+            predictions = await run_in_threadpool(
+                classify_images, model, images, k, limits.max_pixels
             )
-        k = top_k or limits.default_top_k
-        predictions = await run_in_threadpool(_classify, model, images, k, limits.max_pixels)
         return JSONResponse(
             {
                 "model": _model_ref(model),
@@ -264,44 +413,8 @@ def create_app(
             }
         )
 
+    app.include_router(v2_router(state))
     return app
-
-
-def _classify(
-    model: ServedModel, images: list[tuple[str | None, bytes]], top_k: int, max_pixels: int
-) -> list[Prediction]:
-    arrays = []
-    for index, (name, data) in enumerate(images):
-        try:
-            arrays.append(model.preprocess(decode(data, max_pixels)))
-        except ImageRejected as exc:
-            status = 413 if exc.reason == "too_many_pixels" else 400
-            which = f"image {index}" + (f" ({name})" if name else "")
-            message = f"{which} is not usable ({exc.reason}): {exc.detail}"
-            raise RequestRejected(status, exc.reason, message) from None
-    return model.classify(np.stack(arrays), top_k)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(None, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int | None, limit: int) -> RequestRejected:
-    """``size`` is the declared length, or None while streaming (past the limit so far)."""
-    has = f"{size} bytes" if size is not None else f"more than {limit} bytes"
-    return RequestRejected(
-        413, "body_too_large", f"The body has {has}; the limit is {limit} (--max-body-bytes)."
-    )
 
 
 async def _multipart_images(request: Request, body: bytes) -> list[tuple[str | None, bytes]]:
@@ -335,17 +448,29 @@ async def _multipart_images(request: Request, body: bytes) -> list[tuple[str | N
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def error(status: int, reason: str, message: str, **extra: Any) -> JSONResponse:
+    def error(
+        request: Request,
+        status: int,
+        reason: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> JSONResponse:
+        request.state.reason = reason  # counted by reason in /metrics
+        if request.url.path.startswith("/v2"):  # the Open Inference Protocol's shape
+            return v2_error(status, message, headers)
         return JSONResponse(
-            {"detail": {"reason": reason, "message": message, **extra}}, status_code=status
+            {"detail": {"reason": reason, "message": message, **extra}},
+            status_code=status,
+            headers=headers,
         )
 
     @app.exception_handler(RequestRejected)
-    async def rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return error(exc.status, exc.reason, exc.message)
+    async def rejected(request: Request, exc: RequestRejected) -> JSONResponse:
+        return error(request, exc.status, exc.reason, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
         )
@@ -353,42 +478,17 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()
         ]
-        return error(422, "invalid_parameter", problems, errors=errors)
+        return error(request, 422, "invalid_parameter", problems, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = str(exc.detail).lower().replace(" ", "_")
-        return error(exc.status_code, reason, str(exc.detail))
+        return error(request, exc.status_code, reason, str(exc.detail), exc.headers)
 
     @app.exception_handler(NonFiniteOutputError)
-    async def non_finite(_: Request, exc: NonFiniteOutputError) -> JSONResponse:
+    async def non_finite(request: Request, exc: NonFiniteOutputError) -> JSONResponse:
         log.error("graft serve: %s", exc)
-        return error(500, "non_finite_output", str(exc))
-
-
-def run_server(
-    model_path: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: Limits | None = None,
-    reload_interval_s: float = 2.0,
-    threads: int | None = None,
-) -> None:
-    """Serve ``model_path`` with uvicorn until SIGINT/SIGTERM (in-flight requests finish).
-
-    Raises:
-        ModelError: if the model cannot be served; nothing listens then.
-    """
-    import uvicorn
-    from uvicorn.config import LOGGING_CONFIG
-
-    app = create_app(model_path, limits, reload_interval_s, threads)
-    log_config = copy.deepcopy(LOGGING_CONFIG)  # graft's reload messages beside uvicorn's own
-    log_config["loggers"]["graft"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    config = uvicorn.Config(
-        app, host=host, port=port, log_config=log_config, timeout_graceful_shutdown=30
-    )
-    uvicorn.Server(config).run()
+        return error(request, 500, "non_finite_output", str(exc))
 
 
 def _model_ref(model: ServedModel) -> dict[str, str]:

@@ -22,3 +22,28 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 32
     default_top_k: int = 5
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the whole server holds at once; past these a client gets a 503 or a 408, not a hang.
+
+    They bound the memory and sockets a client can pin: at most ``max_connections`` sockets
+    and ``max_concurrent_uploads`` bodies of ``Limits.max_body_bytes`` each, per worker.
+
+    Attributes:
+        max_connections: open connections per worker; a request on one more gets 503
+            ``too_many_connections`` with ``Retry-After`` and the connection is closed.
+        max_concurrent_uploads: requests with a body (``/predict``, ``/v2/.../infer``) being
+            read or classified at once per worker; one more gets 503 ``too_many_uploads``.
+        header_timeout_s: seconds a client has, from connecting (or from the end of the
+            previous response), to send a request's complete headers; then 408 and close.
+        body_timeout_s: seconds a client has to send a whole body; then 408 ``body_timeout``.
+        retry_after_s: the ``Retry-After`` a 503 suggests.
+    """
+
+    max_connections: int = 256
+    max_concurrent_uploads: int = 16
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    retry_after_s: int = 1
