@@ -69,11 +69,11 @@ $(SERVE_STAMP): pyproject.toml
 	rm -rf $(SERVE_VENV)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[serve]" pytest pytest-timeout httpx
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[serve]" pytest pytest-timeout httpx "tritonclient[http]"
 	touch $@
 
 test-serve: $(SERVE_STAMP)  ## server and predict tests in .venv-serve: the serve extra alone, no torch
-	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_predict.py
+	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_serve_ops.py tests/test_serve_v2.py tests/test_predict.py
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 	$(PYTEST) -m "not slow"

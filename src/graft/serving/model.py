@@ -75,6 +75,18 @@ class Preprocessing:
         Raises:
             ModelError: naming the missing or unusable key.
         """
+        try:
+            return cls._from_config(config, source)
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind
+            raise ModelError(
+                f"{source}: its preprocessing metadata is malformed ({type(exc).__name__}: "
+                f"{exc}); re-export the model with `graft export`."
+            ) from None
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], source: str) -> Preprocessing:
+        if not isinstance(config, dict):
+            raise TypeError(f"it is a {type(config).__name__}, not a JSON object")
         missing = [
             key for key in ("input_size", "interpolation", "mean", "std") if key not in config
         ]
@@ -275,6 +287,10 @@ def load_model(path: str | Path, *, threads: int | None = None) -> ServedModel:
         ) from None
     except IsADirectoryError:
         raise ModelError(f"{path} is a folder: give the path of the .onnx file.") from None
+    except OSError as exc:  # e.g. a file the server's user may not read
+        raise ModelError(
+            f"{path} cannot be read ({exc.strerror}): make it readable by this user."
+        ) from None
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's
     if threads:

@@ -201,11 +201,15 @@ def run_server(
     if workers <= 1:
         server.run()
         return
+    import inspect
+
     from uvicorn.supervisors import Multiprocess
 
     metrics_dir = tempfile.mkdtemp(prefix="graft-serve-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn.run's own route; older uvicorn releases also take the target to run.
+    extra = {"target": server.run} if "target" in inspect.signature(Multiprocess).parameters else {}
     try:
-        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+        Multiprocess(config, sockets=[config.bind_socket()], **extra).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
