@@ -105,6 +105,9 @@ def test_version_is_the_installed_distribution_version():
     result = graft("--version")
     assert result.exit_code == 0
     assert result.output.strip() == f"graft {version('graft')}"
+    import graft as package  # the ONNX metadata records this one: the two must agree
+
+    assert package.__version__ == version("graft")
 
 
 @pytest.mark.parametrize(

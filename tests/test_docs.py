@@ -346,3 +346,9 @@ def test_params_reference_lists_every_key_of_params_yaml_with_its_default():
     assert "| `pretrain.training.lr` | float | `0.005` |" in reference
     assert "| `select.candidates[].name` | str | `required` |" in reference
     assert "| `finetune.bn` | one of `frozen`, `adapt`, `auto` | `frozen` |" in reference
+
+
+def test_every_params_key_has_a_meaning_in_the_reference():
+    """A key added to graft.config without a description would be a blank row for the reader."""
+    blank = [doc.key for doc in key_docs() if not doc.meaning]
+    assert not blank, f"give these keys a Field(description=...) in graft.config: {blank}"

