@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -352,3 +353,51 @@ def test_every_params_key_has_a_meaning_in_the_reference():
     """A key added to graft.config without a description would be a blank row for the reader."""
     blank = [doc.key for doc in key_docs() if not doc.meaning]
     assert not blank, f"give these keys a Field(description=...) in graft.config: {blank}"
+
+
+def _numbers(node) -> list[float]:
+    if isinstance(node, bool):
+        return []
+    if isinstance(node, int | float):
+        return [float(node)]
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        return [number for item in node for number in _numbers(item)]
+    return []
+
+
+DOC_NUMBER = re.compile(r"(?<![A-Za-z0-9.,])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?=x\b|\s|$|[),;/])")
+
+
+def figure_problems(readme: str) -> tuple[int, list[str]]:
+    """README figure rows ``| figure | value | `python bench/X.py` |``: each number in the value
+    is a value of bench/results/X.json at the precision shown."""
+    rows, problems = 0, []
+    for line in readme.splitlines():
+        match = re.match(r"^\|(.+)\|(.+)\|.*`python (bench/\w+)\.py`", line)
+        if not match:
+            continue
+        rows += 1
+        results = ROOT / "bench" / "results" / (Path(match.group(3)).name + ".json")
+        if not results.is_file():
+            problems.append(f"{results.relative_to(ROOT)} does not exist: {line}")
+            continue
+        measured = _numbers(json.loads(results.read_text()))
+        for whole, fraction in DOC_NUMBER.findall(match.group(2)):
+            shown = float(whole.replace(",", "") + fraction)
+            places = len(fraction) - 1 if fraction else 0
+            if not any(round(value, places) == shown for value in measured):
+                problems.append(f"{whole}{fraction} is not in {results.name}: {line}")
+    return rows, problems
+
+
+def test_readme_figures_are_the_ones_in_bench_results():
+    rows, problems = figure_problems((ROOT / "README.md").read_text())
+    assert rows >= 6
+    assert not problems, "\n".join(problems)
+
+
+def test_a_figure_not_in_bench_results_is_reported():
+    row = "| head training | linear 7.5 s, MLP 99 s | `python bench/train.py` |"
+    assert figure_problems(row) == (1, [f"99 is not in train.json: {row}"])
