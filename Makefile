@@ -20,7 +20,7 @@ help:  ## list the commands
 
 # Where `dvc push` and `dvc pull` go when the project has no DVC remote yet: a folder outside
 # the checkout, shared by every clone on this machine. Set for this checkout only (in
-# .dvc/config.local, never committed); a remote in .dvc/config (S3, SSH: see the README) wins.
+# .dvc/config.local, never committed); a remote in .dvc/config (S3, SSH: see docs/dvc.md) wins.
 DVC_REMOTE ?= $(HOME)/.local/share/graft/dvc-remote
 ADD_DVC_REMOTE = if [ -z "$$($(BIN)/dvc remote list)" ]; then \
 		$(BIN)/dvc remote add --local --default local "$(DVC_REMOTE)" && \

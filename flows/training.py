@@ -23,7 +23,7 @@ Run as a script, it exits with graft's codes (graft.errors.ExitCode): 0 promoted
 
 Failures and refusals notify the Prefect notification block named in `flow.notify_block`.
 Run it with `python flows/training.py [PROJECT_DIR]` (Prefect starts a temporary local server),
-or deploy it on a schedule with `prefect deploy` (see prefect.yaml and the README).
+or deploy it on a schedule with `prefect deploy` (see prefect.yaml and docs/scheduling.md).
 """
 
 from __future__ import annotations
