@@ -4,7 +4,9 @@ Commands are read from the shell code blocks of README.md and docs/**/*.md, and 
 that starts with ``graft``, ``make``, ``dvc`` or ``python``. Each is checked against what it names:
 ``graft`` sub-commands and options against the Typer app, ``make`` targets against the Makefile,
 ``python FILE`` against the checkout, ``dvc`` commands against DVC's own argument parser, and
-``-S key=value`` against ``params.yaml``'s models. Params keys written in inline code must exist.
+``-S key=value`` against ``params.yaml``'s models, ``prefect`` deployments and pools against
+``prefect.yaml``, and ``pip install`` never names the unrelated PyPI package ``graft``. Params keys
+and source paths written in inline code must exist; README figures must be bench/results values.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from graft.params_reference import key_docs, params_reference_markdown
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 150
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console", ""}
-CHECKED_PROGRAMS = ("graft", "make", "dvc", "python", "python3", "pip")
+CHECKED_PROGRAMS = ("graft", "make", "dvc", "python", "python3", "pip", "prefect")
 # Paths a reader is told to open or run: sources, not pipeline outputs (models/, reports/, ...).
 SOURCE_PATH = re.compile(
     r"^(?:src|flows|bench|tests|transfer|docs|\.ci)/[\w./-]*\w$"
@@ -205,6 +207,19 @@ def _pip_problem(args: list[str]) -> str | None:
     return None
 
 
+def _prefect_problem(args: list[str]) -> str | None:
+    """``prefect deployment run FLOW/NAME`` and ``--pool P`` name what prefect.yaml declares."""
+    declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    flows = re.findall(r'@flow\(name="([^"]+)"', (ROOT / "flows" / "training.py").read_text())
+    names = {f"{flow}/{deployment['name']}" for flow in flows for deployment in declared}
+    pools = {deployment["work_pool"]["name"] for deployment in declared}
+    if args[:2] == ["deployment", "run"] and args[2] not in names:
+        return f"prefect.yaml deploys {sorted(names)}, not {args[2]}"
+    if "--pool" in args and args[args.index("--pool") + 1] not in pools:
+        return f"prefect.yaml's work pool is {sorted(pools)}"
+    return None
+
+
 def command_problem(command: Command) -> str | None:
     """What is wrong with a command as documented, or None when everything it names exists."""
     program, args = command.argv[0].split("/")[-1], list(command.argv[1:])
@@ -218,6 +233,8 @@ def command_problem(command: Command) -> str | None:
         return _dvc_problem(args)
     if program == "pip":
         return _pip_problem(args)
+    if program == "prefect":
+        return _prefect_problem(args)
     return None
 
 
@@ -235,7 +252,7 @@ def test_the_parser_finds_the_documented_commands_of_every_kind():
     commands = all_commands()
     programs = {command.argv[0] for command in commands}
     assert len(commands) >= 80, len(commands)
-    assert {"graft", "make", "dvc", "python", "pip"} <= programs
+    assert {"graft", "make", "dvc", "python", "pip", "prefect"} <= programs
     assert any(command.argv[:2] == ("make", "run") for command in commands)
     assert any(command.argv[:3] == ("dvc", "exp", "run") for command in commands)
     assert any(command.argv[:2] == ("graft", "serve") for command in commands)
@@ -263,6 +280,8 @@ def test_every_documented_command_exists():
         ("dvc exp run -S head.lrate=0.1", "unknown key 'head.lrate'"),
         ("dvc exp run -S head.kind=cnn", "key 'head.kind'"),
         ('pip install "graft[serve]"', "unrelated PyPI package"),
+        ("prefect deployment run graft-training/weekly", "not graft-training/weekly"),
+        ("prefect worker start --pool default", "work pool is ['graft']"),
     ],
 )
 def test_a_command_that_does_not_exist_is_reported(line: str, complaint: str):
