@@ -332,6 +332,34 @@ def test_every_source_path_named_in_the_docs_exists():
     assert not problems, "\n".join(problems)
 
 
+def resolves(dotted: str) -> bool:
+    """``graft.x.y`` names an importable module, or an attribute of one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_every_graft_module_named_in_the_docs_exists():
+    problems = []
+    for page in doc_pages():
+        for span in inline_spans(page.read_text()):
+            dotted = re.match(r"^(graft(?:\.\w+)+)", span)
+            if dotted and not resolves(dotted.group(1)):
+                problems.append(f"{page.relative_to(ROOT)}: {dotted.group(1)} does not exist")
+    assert not problems, "\n".join(problems)
+    assert not resolves("graft.no_such_module") and not resolves("graft.errors.NoSuchError")
+
+
 def test_readme_is_short_and_its_links_lead_somewhere():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
