@@ -31,7 +31,7 @@ import torch
 from graft.backbones import create_backbone
 from graft.config import FeaturesParams
 from graft.embedding import embed
-from graft.engines import OnnxRunner, export_onnx, resolve_engine
+from graft.engines import OnnxRunner, export_engine, resolve_engine
 from graft.features import forward_in_batches
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.quantize import quantize_static_qdq
@@ -64,7 +64,7 @@ def main() -> None:
         n = len(paths)
         model = backbone.model.eval()
 
-        fp32_path = export_onnx(model, input_size, tmp / "fp32.onnx")
+        fp32_path = export_engine(model, input_size, tmp / "fp32.onnx")
         int8_path = quantize_static_qdq(
             fp32_path, tmp / "int8.onnx", (chunk.numpy() for chunk in decoded[:128].split(64))
         )

@@ -22,23 +22,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from graft.backbones import create_backbone
 from graft.export import export_onnx
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.quantize import quantize_static_qdq
+from graft.runtime import inference_session
 from graft.sample_data import write_sample_data
 
 RESULTS = Path(__file__).parent / "results" / "infer.json"
 BATCHES = (1, 32)
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
@@ -56,10 +50,10 @@ def main() -> None:
         images = sorted((folder / "data").rglob("*.png"))
         pixels = load_tensor_batch(images, eval_transform(backbone.data_config))
         fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-        export_onnx(model, backbone.data_config["input_size"], {}, fp32, opset=17)
+        export_onnx(model, backbone.data_config["input_size"], fp32, metadata={})
         quantize_static_qdq(fp32, int8, (pixels[i : i + 16].numpy() for i in range(0, 64, 16)))
-        sessions = {"onnxruntime_fp32": session(fp32, args.threads)}
-        sessions["onnxruntime_int8"] = session(int8, args.threads)
+        sessions = {"onnxruntime_fp32": inference_session(fp32, threads=args.threads)}
+        sessions["onnxruntime_int8"] = inference_session(int8, threads=args.threads)
 
         def torch_eager(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

@@ -9,6 +9,7 @@ from sklearn.datasets import load_sample_image
 
 from graft import backbones
 from graft.backbones import WeightsError, create_backbone
+from graft.files import file_sha256
 from graft.preprocessing import eval_transform
 
 
@@ -55,7 +56,7 @@ def test_file_weights_load_exactly_and_record_their_hash(tmp_path: Path, suffix:
     with torch.no_grad():
         expected = source.forward_head(source.forward_features(x), pre_logits=True)
         assert torch.allclose(backbone.model(x), expected, atol=1e-6)
-    assert backbone.weights_sha256 == backbones.file_sha256(path)
+    assert backbone.weights_sha256 == file_sha256(path)
 
 
 def test_tampered_packaged_weights_are_refused(monkeypatch):
@@ -90,7 +91,7 @@ def _saved_tiny_weights(path: Path) -> Path:
 
 def test_weights_whose_hash_is_not_the_expected_one_are_refused(tmp_path: Path):
     path = _saved_tiny_weights(tmp_path / "weights.pth")
-    actual = backbones.file_sha256(path)
+    actual = file_sha256(path)
     backbone = create_backbone("test_efficientnet", f"file:{path}", expected_sha256=actual)
     assert backbone.weights_sha256 == actual
     with pytest.raises(WeightsError, match=rf"file:{path}.*has sha256 {actual}.*backbone.sha256"):

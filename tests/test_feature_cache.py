@@ -16,7 +16,8 @@ import pytest
 import graft.preprocessing
 from graft.config import BackboneParams, DataParams, FeaturesParams
 from graft.data.manifest import build_manifest
-from graft.embedding import SPLITS, embed
+from graft.data.splits import SPLITS
+from graft.embedding import embed
 from graft.engines import make_runner
 from graft.feature_cache import CorruptShardWarning, FeatureCache
 from graft.features import forward_in_batches

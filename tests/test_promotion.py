@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from graft.config import load_params
-from graft.files import read_json
+from graft.files import file_sha256, read_json
 from graft.paths import ProjectPaths
-from graft.promotion import PromotionRefused, promote, rollback, sha256_of
+from graft.promotion import PromotionRefused, promote, rollback
+from graft.quantize import quantize_with_gate
 from graft.stages import evaluate, export, features, finetune, train_head, validate
-from graft.stages.export import quantize_with_gate
 from tests.conftest import make_project, write_params
 
 STAGES = (validate, features, train_head, finetune, evaluate, export)
@@ -69,7 +69,7 @@ def test_first_promotion_applies_value_gates_only_and_serves_the_exported_model(
     assert record.infra_check.passed and record.infra_check.images > 0
     assert record.infra_check.top1_agreement == 1.0
     saved = read_json(production(project) / "promotion.json")
-    assert saved["model_sha256"] == sha256_of(served) and saved["blessing"]["passed"]
+    assert saved["model_sha256"] == file_sha256(served) and saved["blessing"]["passed"]
     assert (production(project) / "model_card.md").read_text() == project.model_card.read_text()
     assert "Nothing was in production" in (project.root / "reports" / "promotion.md").read_text()
     assert not (production(project) / "previous.onnx").exists()
@@ -114,12 +114,12 @@ def test_rollback_restores_the_previous_model_and_its_record(project, underfit):
     shutil.copyfile(underfit.blessing, project.blessing)
     second = _promote(project, force=True, reason="testing rollback")
     served = production(project) / "model.onnx"
-    assert sha256_of(served) == second.model_sha256 != first.model_sha256
+    assert file_sha256(served) == second.model_sha256 != first.model_sha256
 
     restored = rollback(project.root, load_params(project.params))
-    assert restored == first.model_sha256 == sha256_of(served)
+    assert restored == first.model_sha256 == file_sha256(served)
     assert read_json(production(project) / "promotion.json")["model_sha256"] == first.model_sha256
-    assert sha256_of(production(project) / "previous.onnx") == second.model_sha256
+    assert file_sha256(production(project) / "previous.onnx") == second.model_sha256
     history = (production(project) / "history.jsonl").read_text().splitlines()
     actions = [json.loads(line)["action"] for line in history]
     assert actions == ["promote", "promote", "rollback"]

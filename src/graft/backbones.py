@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graft.errors import InputError
+from graft.files import file_sha256
 
 # timm name -> (module, class exposing get_model_file_path(), sha256 of the .pth it ships)
 PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
@@ -65,14 +66,6 @@ class Backbone:
     @property
     def num_features(self) -> int:
         return int(self.model.num_features)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_config_of(model: nn.Module) -> dict[str, Any]:

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from graft.evaluate import expected_calibration_error
+from graft.numeric import softmax
+
 BOUNDS = (0.05, 20.0)  # the temperatures searched; beyond them the logits are degenerate
 
 
@@ -54,3 +57,24 @@ def fold_temperature(classifier: nn.Module, temperature: float) -> None:
         last.weight.div_(temperature)
         if last.bias is not None:
             last.bias.div_(temperature)
+
+
+def calibrate(model: nn.Module, val_logits: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
+    """Fit a temperature on the model's val logits and fold it into its classifier (in place).
+
+    Returns:
+        The temperature, and val ECE and NLL before and after it.
+    """
+    temperature = fit_temperature(val_logits, val_labels)
+    fold_temperature(model.get_classifier(), temperature)
+    ece = {
+        t: expected_calibration_error(softmax(val_logits / t), val_labels)[0]
+        for t in (1.0, temperature)
+    }
+    return {
+        "temperature": temperature,
+        "val_ece_before": ece[1.0],
+        "val_ece": ece[temperature],
+        "val_nll_before": negative_log_likelihood(val_logits, val_labels, 1.0),
+        "val_nll": negative_log_likelihood(val_logits, val_labels, temperature),
+    }

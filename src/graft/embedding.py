@@ -28,15 +28,14 @@ import pandas as pd
 
 from graft.backbones import Backbone, create_backbone, state_dict_sha256
 from graft.config import BackboneParams, FeaturesParams, HeadParams
-from graft.engines import OnnxRunner, Runner, TorchRunner, export_onnx, resolve_engine
+from graft.data.splits import SPLITS
+from graft.engines import OnnxRunner, Runner, TorchRunner, export_engine, resolve_engine
 from graft.errors import GraftError
 from graft.feature_cache import EmbeddingKey, FeatureCache, Precision
 from graft.features import FeatureSet, forward_in_batches, iter_batch_outputs
 from graft.preprocessing import ImageSource, eval_transform, load_tensor_batch
 from graft.progress import progress
 from graft.quantize import quantize_static_qdq
-
-SPLITS = ("train", "val", "test")
 
 
 class EmbeddingError(GraftError):
@@ -205,7 +204,7 @@ def engine_spec(
         return EngineSpec(engine="onnxruntime", onnx=cache.onnx_path.read_bytes(), **common)
     if engine == "onnxruntime":
         if not cache.onnx_path.is_file():
-            export_onnx(backbone.model, input_size, cache.onnx_path)
+            export_engine(backbone.model, input_size, cache.onnx_path)
         return EngineSpec(engine="onnxruntime", onnx=cache.onnx_path.read_bytes(), **common)
     source = (backbone.name, backbone.weights, backbone.weights_sha256)
     return EngineSpec(engine="torch", backbone=source, **common)
@@ -218,7 +217,7 @@ def _ensure_int8_onnx(
         return
     fp32 = FeatureCache(cache.root, cache.key.with_precision("fp32"))
     if not fp32.onnx_path.is_file():
-        export_onnx(backbone.model, tuple(backbone.data_config["input_size"]), fp32.onnx_path)
+        export_engine(backbone.model, tuple(backbone.data_config["input_size"]), fp32.onnx_path)
     print(f"features: quantizing {backbone.name} to INT8, calibrated on training images")
     quantize_static_qdq(fp32.onnx_path, cache.onnx_path, calibration())
 

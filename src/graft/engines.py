@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from graft.files import replacing
+from graft.export import export_onnx
+from graft.runtime import inference_session
 
 Engine = Literal["auto", "torch", "onnxruntime"]
 Runner = Callable[[torch.Tensor], np.ndarray]
@@ -57,23 +57,6 @@ def make_runner(
     if resolve_engine(engine) == "torch":
         return TorchRunner(module)
     return OnnxRunner(module, tuple(input_size), batch_size, onnx_path=onnx_path, threads=threads)
-
-
-def export_onnx(module: nn.Module, input_size: tuple[int, ...], path: Path) -> Path:
-    """Export ``module`` with a dynamic batch axis to ``path`` (temporary file, then renamed)."""
-    module = module.eval().to("cpu", memory_format=torch.contiguous_format)
-    with replacing(path) as temporary:
-        torch.onnx.export(
-            module,
-            (torch.zeros(1, *input_size),),
-            str(temporary),
-            input_names=[_INPUT],
-            output_names=[_OUTPUT],
-            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
 
 
 class TorchRunner:
@@ -118,21 +101,18 @@ class OnnxRunner:
         onnx_path: Path | None = None,
         threads: int | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         if onnx_path is not None:
             if not onnx_path.is_file():
                 if module is None:
                     raise FileNotFoundError(onnx_path)
-                export_onnx(module, input_size, onnx_path)
-            self.session = _session(onnx_path, options)
+                export_engine(module, input_size, onnx_path)
+            self.session = inference_session(onnx_path, threads=threads)
         else:
             if module is None:
                 raise ValueError("OnnxRunner needs a module or an existing onnx_path")
             with tempfile.TemporaryDirectory(prefix="graft-engine-") as folder:
-                path = export_onnx(module, input_size, Path(folder) / "module.onnx")
-                self.session = _session(path, options)
+                path = export_engine(module, input_size, Path(folder) / "module.onnx")
+                self.session = inference_session(path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
         self.session.run(None, {self.input_name: np.zeros((batch_size, *input_size), np.float32)})
 
@@ -143,5 +123,6 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: array})[0]
 
 
-def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def export_engine(module: nn.Module, input_size: tuple[int, ...], path: Path) -> Path:
+    """The frozen module as an engine file (no metadata: its cache folder names it)."""
+    return export_onnx(module, input_size, path, input_name=_INPUT, output_name=_OUTPUT)

@@ -32,7 +32,6 @@ from graft.backbones import (
     Backbone,
     create_backbone,
     data_config_of,
-    file_sha256,
     sidecar_path,
 )
 from graft.classifier import attach_head
@@ -40,7 +39,7 @@ from graft.config import FinetuneParams, HeadParams, PretrainParams, TrainingPar
 from graft.engines import Engine, make_runner
 from graft.errors import InputError
 from graft.features import forward_in_batches
-from graft.files import replacing, write_json
+from graft.files import file_sha256, replacing, write_json
 from graft.finetune import finetune
 from graft.head import train_head
 from graft.preprocessing import eval_transform

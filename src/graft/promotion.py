@@ -19,7 +19,6 @@ promotion killed at any point leaves a complete model in production.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,14 @@ import numpy as np
 from graft.config import Params
 from graft.errors import MissingInputError, Refused
 from graft.evaluate import GateCheck, change_checks, classification_metrics
-from graft.files import read_json, replacing, temporary_beside, write_json, write_text_atomic
+from graft.files import (
+    file_sha256,
+    read_json,
+    replacing,
+    temporary_beside,
+    write_json,
+    write_text_atomic,
+)
 from graft.paths import ProjectPaths
 
 
@@ -73,14 +79,6 @@ class Promotion:
         return asdict(self)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def production_dir(paths: ProjectPaths, params: Params) -> Path:
     return paths.root / params.promote.production_dir
 
@@ -98,14 +96,15 @@ def test_images(paths: ProjectPaths) -> tuple[list[Path], list[str]]:
 
 def onnx_probabilities(model_path: Path, images: list[Path], batch_size: int = 64) -> np.ndarray:
     """Class probabilities of an exported model on ``images``, preprocessed as its metadata says."""
-    from graft.export import onnx_logits, onnx_session, read_metadata
+    from graft.export import read_metadata
+    from graft.numeric import softmax
     from graft.preprocessing import eval_transform, load_tensor_batch
-    from graft.serving.model import softmax
+    from graft.runtime import inference_session, run_single
 
     transform = eval_transform(read_metadata(model_path)["preprocessing"])
-    session = onnx_session(model_path)
+    session = inference_session(model_path)
     logits = [
-        onnx_logits(session, load_tensor_batch(images[i : i + batch_size], transform).numpy())
+        run_single(session, load_tensor_batch(images[i : i + batch_size], transform).numpy())
         for i in range(0, len(images), batch_size)
     ]
     return softmax(np.concatenate(logits))
@@ -129,9 +128,9 @@ def _check_export_is_current(paths: ProjectPaths) -> None:
         if not path.is_file():
             raise MissingInputError(path, "run `dvc repro export` first.")
     export = read_json(paths.metrics / "export.json")
-    if export.get("model_sha256") != sha256_of(paths.onnx_model) or export.get(
+    if export.get("model_sha256") != file_sha256(paths.onnx_model) or export.get(
         "blessing_sha256"
-    ) != sha256_of(paths.blessing):
+    ) != file_sha256(paths.blessing):
         raise PromotionRefused(
             f"{paths.onnx_model} is not the export of the current blessing "
             f"({paths.blessing}): run `dvc repro export` first."
@@ -168,8 +167,8 @@ def promote(
         promoted=False,
         forced=bool(force and reasons),
         reason=reason.strip() if force and reason else None,
-        model_sha256=sha256_of(paths.onnx_model),
-        previous_sha256=sha256_of(current) if current.is_file() else None,
+        model_sha256=file_sha256(paths.onnx_model),
+        previous_sha256=file_sha256(current) if current.is_file() else None,
         blessing=dict(blessing, forced=bool(force and reasons), forced_reason=reason),
         metrics=_summary(metrics),
         champion_metrics=_summary(champion_metrics) if champion_metrics else None,
@@ -217,7 +216,7 @@ def rollback(root: Path, params: Params) -> str:
         raise MissingInputError(
             previous, "there is no previous model to roll back to: production has had at most one."
         )
-    restored = sha256_of(previous)
+    restored = file_sha256(previous)
     outgoing = temporary_beside(current)
     try:
         shutil.copyfile(current, outgoing)

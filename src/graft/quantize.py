@@ -1,7 +1,9 @@
-"""INT8 static quantization of an ONNX model with onnxruntime (QDQ format, per-channel weights).
+"""INT8 static quantization of an ONNX model with onnxruntime (QDQ format, per-channel weights),
+and the accuracy gate that decides whether the exported model's INT8 copy is kept.
 
-Generic: any float32 ONNX model with one image-like input, calibrated on batches the caller
-provides (real training images, preprocessed as the model expects). QDQ after
+:func:`quantize_static_qdq` is generic: any float32 ONNX model with one image-like input,
+calibrated on batches the caller provides (real training images, preprocessed as the model
+expects). QDQ after
 ``quant_pre_process`` is the route that works for EfficientNet-style graphs; the QOperator
 format fails on them ("Graph is not a DAG").
 """
@@ -9,12 +11,15 @@ format fails on them ("Graph is not a DAG").
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -23,9 +28,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
 
 from graft.errors import GraftError
-from graft.files import replacing
+from graft.files import replacing, write_json
+from graft.preprocessing import load_tensor_batch
+from graft.runtime import inference_session, run_single
 
 
 class QuantizationError(GraftError):
@@ -103,3 +111,57 @@ def quantize_static_qdq(
                 calibrate_method=CalibrationMethod.MinMax,
             )
     return out_path
+
+
+def quantize_with_gate(
+    fp32_path: Path,
+    int8_dir: Path,
+    calibration_images: list[Path],
+    test_images: list[Path],
+    test_labels: np.ndarray,
+    fp32_logits: np.ndarray,
+    transform: Callable[[Image.Image], torch.Tensor],
+    max_accuracy_drop: float,
+    batch_size: int = 32,
+) -> dict:
+    """Quantize the exported model (static INT8 QDQ, calibrated on training images) and keep it
+    as ``int8_dir/model.onnx`` only when its test accuracy is within ``max_accuracy_drop`` of
+    fp32. ``int8_dir/decision.json`` always says what was decided and why."""
+    batches = (
+        load_tensor_batch(calibration_images[i : i + batch_size], transform).numpy()
+        for i in range(0, len(calibration_images), batch_size)
+    )
+    staging = int8_dir.with_name(f".{int8_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    quantized = quantize_static_qdq(fp32_path, staging / "model.onnx", batches)
+    session = inference_session(quantized)
+    inputs = [
+        load_tensor_batch(test_images[i : i + batch_size], transform).numpy()
+        for i in range(0, len(test_images), batch_size)
+    ]
+    int8_logits = np.concatenate([run_single(session, batch) for batch in inputs])
+    fp32_accuracy = float((fp32_logits.argmax(1) == test_labels).mean())
+    int8_accuracy = float((int8_logits.argmax(1) == test_labels).mean())
+    kept = fp32_accuracy - int8_accuracy <= max_accuracy_drop
+    decision = {
+        "kept": kept,
+        "fp32_test_accuracy": fp32_accuracy,
+        "int8_test_accuracy": int8_accuracy,
+        "max_accuracy_drop": max_accuracy_drop,
+        "calibration_images": len(calibration_images),
+        "top1_agreement_with_fp32": float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+        "size_ratio": fp32_path.stat().st_size / quantized.stat().st_size,
+        "reason": (
+            "within the allowed accuracy drop"
+            if kept
+            else f"test accuracy {int8_accuracy:.4f} is more than {max_accuracy_drop:.4f} below "
+            f"fp32's {fp32_accuracy:.4f}: the INT8 model was not kept"
+        ),
+    }
+    if not kept:
+        quantized.unlink()
+    write_json(staging / "decision.json", decision)
+    shutil.rmtree(int8_dir, ignore_errors=True)
+    os.replace(staging, int8_dir)
+    return decision

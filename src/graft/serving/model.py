@@ -12,7 +12,6 @@ file serving accepts is a file training would have accepted, and the reverse.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,9 @@ from PIL import Image
 
 from graft.data.images import decode_image
 from graft.errors import GraftError, InputError
+from graft.model_metadata import decode_metadata
+from graft.numeric import softmax
+from graft.runtime import inference_session
 from graft.serving.limits import DEFAULT_MAX_PIXELS
 
 # timm's names for Pillow's resampling filters (timm.data.transforms.str_to_interp_mode).
@@ -255,13 +257,6 @@ class ServedModel:
         ]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, stable for large logits."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def load_model(path: str | Path, *, threads: int | None = None) -> ServedModel:
     """Load ``path`` with its labels and preprocessing, read from the file's own metadata.
 
@@ -291,15 +286,11 @@ def load_model(path: str | Path, *, threads: int | None = None) -> ServedModel:
         raise ModelError(
             f"{path} cannot be read ({exc.strerror}): make it readable by this user."
         ) from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initialisers are not the user's
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        session = inference_session(data, threads=threads, quiet=True)
     except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
         raise ModelError(f"{path} is not a usable ONNX model: {exc}".strip()) from None
-    metadata = _decoded(session.get_modelmeta().custom_metadata_map)
+    metadata = decode_metadata(session.get_modelmeta().custom_metadata_map)
     labels = metadata.get("labels")
     if not isinstance(labels, list) or not labels or "preprocessing" not in metadata:
         raise ModelError(
@@ -326,17 +317,6 @@ def decode(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         graft.data.images.ImageRejected: with the same reasons training quarantines files for.
     """
     return decode_image(source, max_pixels=max_pixels).image
-
-
-def _decoded(metadata: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in sorted(metadata.items()):
-        try:
-            # NaN/Infinity stay strings: a response must never carry a non-finite number.
-            out[key] = json.loads(value, parse_constant=str)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _check_signature(

@@ -14,6 +14,7 @@ from graft.engines import make_runner
 from graft.evaluate import Blessing, bless, classification_metrics, select_candidate
 from graft.features import forward_in_batches, load_feature_set
 from graft.files import read_json, write_json, write_text_atomic
+from graft.numeric import softmax
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
 from graft.report import (
@@ -23,7 +24,6 @@ from graft.report import (
     save_misclassified_gallery,
     save_reliability_plot,
 )
-from graft.serving.model import softmax
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from graft.classifier import ModelSpec
 from graft.config import Params, load_params
 from graft.data.manifest import read_manifest
-from graft.embedding import SPLITS, Embedding, embed, int8_gate
+from graft.data.splits import SPLITS
+from graft.embedding import Embedding, embed, int8_gate
 from graft.features import save_feature_set
 from graft.files import read_json, write_json
 from graft.paths import ProjectPaths

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graft.backbones import file_sha256
-from graft.calibration import fit_temperature, fold_temperature, negative_log_likelihood
+from graft.calibration import calibrate
 from graft.classifier import (
     Checkpoint,
     build_classifier,
@@ -25,9 +24,8 @@ from graft.classifier import (
 )
 from graft.config import load_params
 from graft.data.manifest import read_manifest
-from graft.evaluate import expected_calibration_error
 from graft.fewshot import finetune_skip_reason
-from graft.files import write_json, write_text_atomic
+from graft.files import file_sha256, write_json, write_text_atomic
 from graft.finetune import (
     FinetuneResult,
     augment_transform,
@@ -38,7 +36,6 @@ from graft.finetune import (
 from graft.live_log import write_live_log
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
-from graft.serving.model import softmax
 
 
 def checkpoint_dir(paths: ProjectPaths) -> Path:
@@ -147,23 +144,6 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll']:.4f}"
         )
     return result
-
-
-def calibrate(model, val_logits: np.ndarray, val_labels: np.ndarray) -> dict[str, float]:
-    """Fit a temperature on the model's val logits and fold it into its classifier."""
-    temperature = fit_temperature(val_logits, val_labels)
-    fold_temperature(model.get_classifier(), temperature)
-    ece = {
-        t: expected_calibration_error(softmax(val_logits / t), val_labels)[0]
-        for t in (1.0, temperature)
-    }
-    return {
-        "temperature": temperature,
-        "val_ece_before": ece[1.0],
-        "val_ece": ece[temperature],
-        "val_nll_before": negative_log_likelihood(val_logits, val_labels, 1.0),
-        "val_nll": negative_log_likelihood(val_logits, val_labels, temperature),
-    }
 
 
 def _print_epoch(record: dict, _model) -> None:
