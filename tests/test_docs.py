@@ -26,6 +26,7 @@ import typer.main
 import yaml
 
 from graft.cli import app
+from graft.cli_reference import cli_reference_markdown
 from graft.config import Params, ParamsError, parse_params
 from graft.params_reference import key_docs, params_reference_markdown
 
@@ -448,3 +449,17 @@ def test_readme_figures_are_the_ones_in_bench_results():
 def test_a_figure_not_in_bench_results_is_reported():
     row = "| head training | linear 7.5 s, MLP 99 s | `python bench/train.py` |"
     assert figure_problems(row) == (1, [f"99 is not in train.json: {row}"])
+
+
+def test_cli_reference_shows_every_sub_command_with_its_options():
+    reference = cli_reference_markdown()
+    group = typer.main.get_command(app)
+    context = click.Context(group, info_name="graft")
+    assert "--version" in reference.split("## `graft ")[0]
+    for name in group.list_commands(context):
+        section = reference.split(f"## `graft {name}`\n", 1)[1].split("\n## ", 1)[0]
+        command = group.get_command(context, name)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.opts[-1] in section, (name, param.opts)
+    assert "graft serve" in reference and "--reload-interval" in reference

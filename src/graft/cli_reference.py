@@ -12,19 +12,23 @@ def cli_reference_markdown() -> str:
     """One section per sub-command: its usage line, what it does, and its options."""
     group = typer.main.get_command(app)
     context = click.Context(group, info_name="graft")
-    blocks = ["## `graft`", "", "```text", group.get_usage(context), "```", ""]
+    blocks = _command_block("graft", group, context)
     for name in sorted(group.list_commands(context)):
         command = group.get_command(context, name)
         sub = click.Context(command, info_name=name, parent=context)
-        blocks += [f"## `graft {name}`", "", " ".join((command.help or "").split()), ""]
-        blocks += ["```text", command.get_usage(sub)]
-        for param in command.get_params(sub):
-            if param.name == "help":
-                continue
-            record = param.get_help_record(sub)
-            if record is not None:
-                blocks.append(f"  {record[0]}\n      {record[1]}")
-            elif isinstance(param, click.Argument):
-                blocks.append(f"  {param.human_readable_name}")
-        blocks += ["```", ""]
+        blocks += _command_block(f"graft {name}", command, sub)
     return "\n".join(blocks)
+
+
+def _command_block(title: str, command: click.Command, context: click.Context) -> list[str]:
+    lines = [f"## `{title}`", "", " ".join((command.help or "").split()), ""]
+    lines += ["```text", command.get_usage(context)]
+    for param in command.get_params(context):
+        if param.name in ("help", "install_completion", "show_completion"):
+            continue
+        record = param.get_help_record(context)
+        if record is not None:
+            lines.append(f"  {record[0]}\n      {record[1]}")
+        elif isinstance(param, click.Argument):
+            lines.append(f"  {param.human_readable_name}")
+    return [*lines, "```", ""]
