@@ -1,4 +1,5 @@
-"""The head on feature vectors: linear and MLP, early stopping, the NaN stop, its model files."""
+"""The gradient-trained heads on feature vectors (linear and MLP): early stopping, the NaN stop,
+the model files. The default head, the cross-validated probe, is tested in test_probe.py."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_the_head_learns_real_digits(pixels, kind):
 
 
 def test_early_stopping_ends_training_and_keeps_the_best_epoch(pixels):
-    params = HeadParams(epochs=2000, lr=0.05, patience=5)
+    params = HeadParams(kind="linear", epochs=2000, lr=0.05, patience=5)
     seen = []
     result = train_head(*pixels["train"], *pixels["val"], 10, params, on_epoch=seen.append)
     assert len(result.history) == len(seen) < 2000
@@ -62,7 +63,7 @@ def test_a_nan_loss_stops_the_head_with_a_clear_message(pixels):
     x = x.copy()
     x[3, 5] = np.nan
     with pytest.raises(HeadError, match="loss became nan in epoch 1: lower head.lr"):
-        train_head(x, y, *pixels["val"], 10, HeadParams())
+        train_head(x, y, *pixels["val"], 10, HeadParams(kind="linear"))
 
 
 def test_an_mlp_head_travels_through_its_model_files(tmp_path):

@@ -131,10 +131,20 @@ class FeaturesParams(_Section):
 
 
 class HeadParams(_Section):
-    """Read by ``train_head``: the head (linear or a small MLP) on cached features."""
+    """Read by ``train_head``: the head on cached features (the CV probe, linear or MLP)."""
 
-    kind: Literal["linear", "mlp"] = Field(
-        "linear", description="linear, or mlp: Linear -> ReLU -> Dropout -> Linear"
+    kind: Literal["probe", "linear", "mlp"] = Field(
+        "probe",
+        description="probe: logistic regression, C by k-fold CV over train+val (scikit-learn); "
+        "linear, mlp: full-batch AdamW on train, early-stopped on val",
+    )
+    c_grid: list[float] = Field(
+        default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        description="probe only: the inverse L2 strengths cross-validated",
+    )
+    cv_folds: int = Field(5, ge=2, description="probe only: stratified folds over train+val")
+    standardize: bool = Field(
+        False, description="probe only: standardise features (folded into the Linear)"
     )
     hidden: int = Field(256, ge=1, description="hidden units of the MLP head")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the MLP's output")
@@ -143,7 +153,14 @@ class HeadParams(_Section):
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     patience: int = Field(30, ge=1, description="epochs without val improvement before stopping")
-    seed: int = Field(0, description="seed of the head's initialisation")
+    seed: int = Field(0, description="seed of the head's initialisation (probe: of the CV folds)")
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive_cs(cls, grid: list[float]) -> list[float]:
+        if not grid or min(grid) <= 0:
+            raise ValueError(f"list C values above 0, got {grid}")
+        return sorted(set(grid))
 
 
 class AugmentParams(_Section):

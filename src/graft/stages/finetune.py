@@ -56,6 +56,9 @@ def main(root: Path = Path(".")) -> FinetuneResult:
         print(skip)
     run = settings.enabled and sum(epochs for _, epochs in settings.phases) > 0 and not skip
     if run:
+        init = head.info.get("finetune_init")  # the probe fit on train: val stays unseen
+        if init is not None:
+            model.get_classifier().load_state_dict(init)
         manifest = read_manifest(paths.manifest)
         usable = manifest[manifest["status"] == "ok"]
         index_of = {label: i for i, label in enumerate(spec.labels)}

@@ -1,5 +1,7 @@
-"""Stage ``train_head``: a linear (or MLP) head on the cached features of train, early-stopped on
-val; its per-epoch loss and val accuracy are logged with DVCLive (``dvclive/train_head``)."""
+"""Stage ``train_head``: the head on the cached features (by default the cross-validated probe,
+shipped refit on train + val; fine-tuning starts from its fit on train alone, kept in the
+checkpoint's ``info["finetune_init"]``); its loss and val accuracy are logged with DVCLive
+(``dvclive/train_head``)."""
 
 from __future__ import annotations
 
@@ -32,19 +34,31 @@ def main(root: Path = Path(".")) -> HeadResult:
         "val_accuracy": result.val_accuracy,
         "head": result.architecture,
     }
-    save_checkpoint(paths.head_model, Checkpoint(spec, "head", result.head.state_dict(), info))
+    if result.refit is not None:  # fine-tuning starts from the fit on train (val stays unseen)
+        info["finetune_init"] = {k: v.detach().clone() for k, v in result.head.state_dict().items()}
+        info["probe"] = result.search
+    state = result.shipped.state_dict()
+    save_checkpoint(paths.head_model, Checkpoint(spec, "head", state, info))
     write_json(
         paths.metrics / "head.json",
         {
-            "kind": result.architecture["kind"],
+            "kind": params.head.kind if not params.data.few_shot else result.architecture["kind"],
             "few_shot": result.architecture.get("few_shot"),
             "train_accuracy": result.train_accuracy,
             "val_accuracy": result.val_accuracy,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
+            "probe": result.search,
         },
     )
     write_live_log(paths.root / "dvclive" / "train_head", result.history)
+    if result.search is not None:
+        search = result.search
+        print(
+            f"head (probe): C = {search['c']:g} by {search['folds']}-fold CV over "
+            f"{search['images']} train+val images: {search['cv_accuracy']:.4f} "
+            f"± {search['cv_std']:.4f}; shipped refit on train+val"
+        )
     print(
         f"head ({result.architecture['kind']}): val accuracy {result.val_accuracy:.4f} (best epoch "
         f"{result.best_epoch} of {len(result.history)}), train accuracy "
