@@ -278,7 +278,7 @@ def serve(
         256, min=1, help="Open connections per worker; more get 503 with Retry-After."
     ),
     max_concurrent_uploads: int = typer.Option(
-        16, min=1, help="Bodies read or classified at once per worker; more get 503."
+        32, min=1, help="Bodies read or classified at once per worker; more get 503."
     ),
     header_timeout: float = typer.Option(
         10.0, min=0.1, help="Seconds to send a request's headers; then 408 and close."

@@ -43,7 +43,7 @@ class ServerLimits:
     """
 
     max_connections: int = 256
-    max_concurrent_uploads: int = 16
+    max_concurrent_uploads: int = 32
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     retry_after_s: int = 1
