@@ -5,9 +5,11 @@
 #   docker run --rm graft                                  # the embedded sample, end to end
 #   docker run --rm -v "$PWD/data:/project/data" graft     # your own images
 
-# ---- serve: Python, onnxruntime, FastAPI, uvicorn, Pillow, NumPy; no torch. Installed as
-# `make test-serve` installs it in CI (the `serve` extra alone, in a fresh environment), so the
-# server tests prove this image needs nothing more.
+# ---- serve: Python, onnxruntime, FastAPI, uvicorn, Pillow, NumPy, prometheus-client; no torch.
+# The dependencies come from the pinned lock (requirements/serve.lock, the `serve` extra resolved
+# by pip-compile) in a layer of their own, so editing the source does not reinstall them; then
+# graft itself without dependencies. `make test-serve` runs the server tests with the same
+# extra alone, so they prove this image needs nothing more.
 FROM python:3.11-slim AS serve
 
 ENV PYTHONUNBUFFERED=1 \
@@ -15,11 +17,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+RUN useradd --system --uid 10001 graft
+COPY requirements/serve.lock requirements/serve.lock
+RUN python -m pip install --requirement requirements/serve.lock
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN python -m pip install --upgrade pip \
-    && python -m pip install ".[serve]" \
-    && useradd --system --uid 10001 graft
+RUN python -m pip install --no-deps .
 
 USER graft
 EXPOSE 8000

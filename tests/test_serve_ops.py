@@ -390,3 +390,32 @@ def _v2_header_length(data: bytes) -> int:
 
 def _v2_bytes_request(data: bytes) -> bytes:
     return _v2_header(data) + len(data).to_bytes(4, "little") + data
+
+
+# ---- The serving image ----
+
+
+def test_the_serve_lock_pins_the_serve_extra_without_torch_and_docker_caches_it():
+    import re
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = extra["optional-dependencies"]["serve"] + extra["dependencies"]
+    names = {re.split(r"[<>=\[ ;]", spec)[0].lower().replace("_", "-") for spec in wanted}
+    lock = (root / "requirements" / "serve.lock").read_text().splitlines()
+    pinned = {line.split("==")[0] for line in lock if "==" in line and not line.startswith("#")}
+    assert names <= pinned, names - pinned
+    assert all("==" in line for line in lock if line.strip() and not line.startswith("#"))
+    assert not {"torch", "torchvision", "timm"} & pinned
+    serve_stage = (root / "Dockerfile").read_text().split("FROM ")[1]
+    lines = serve_stage.splitlines()
+    position = {
+        key: next(i for i, line in enumerate(lines) if key in line)
+        for key in ("requirement requirements/serve.lock", "COPY src", "--no-deps .")
+    }
+    # the pinned dependencies are installed before the source arrives: a source edit
+    # leaves their layer cached
+    assert position["requirement requirements/serve.lock"] < position["COPY src"]
+    assert position["COPY src"] < position["--no-deps ."]
