@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -59,3 +60,46 @@ def make_project(root: Path, per_class: int = 12, overrides: dict | None = None)
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> ProjectPaths:
     return make_project(tmp_path / "project")
+
+
+def tree_snapshot(folder: Path) -> dict[bytes, tuple]:
+    """Every entry below ``folder``, links not followed: its mode (with its kind), mtime and content
+    (a regular file's sha256, a link's target). Never opens anything but regular files."""
+    import hashlib
+    import stat
+
+    snapshot = {}
+    for directory, folders, files in os.walk(os.fsencode(folder)):
+        for name in folders + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as file:
+                    content = hashlib.file_digest(file, "sha256").hexdigest()
+            else:
+                content = None
+            relative = os.path.relpath(path, os.fsencode(folder))
+            snapshot[relative] = (
+                stat.S_IFMT(info.st_mode),
+                info.st_mode,
+                info.st_mtime_ns,
+                content,
+            )
+    return snapshot
+
+
+@contextlib.contextmanager
+def data_unchanged(folder: Path):
+    """Assert that what runs inside leaves ``folder`` byte-identical: the same names, contents,
+    modes and mtimes, links still links (the rule every fault test checks for data/)."""
+    before = tree_snapshot(folder)
+    yield
+    after = tree_snapshot(folder)
+    changed = sorted(
+        name.decode(errors="backslashreplace")
+        for name in before.keys() | after.keys()
+        if before.get(name) != after.get(name)
+    )
+    assert not changed, f"{folder} changed: {changed[:20]}"

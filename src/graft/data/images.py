@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -47,7 +49,7 @@ class DecodedImage:
 
 
 def decode_image(
-    source: str | Path | bytes, *, min_size: int = 1, max_pixels: int = 40_000_000
+    source: str | Path | bytes | BinaryIO, *, min_size: int = 1, max_pixels: int = 40_000_000
 ) -> DecodedImage:
     """Fully decode a file, or its bytes, into RGB, keeping the original format and mode.
 
@@ -55,7 +57,8 @@ def decode_image(
     refused without allocating it.
 
     Args:
-        source: a path to the image file, or the file's bytes (e.g. an HTTP request body).
+        source: a path to the image file, the file's bytes (e.g. an HTTP request body), or
+            an open binary file at its start (read as Pillow needs it, not whole).
         min_size: smallest accepted width or height, in pixels.
         max_pixels: largest accepted width x height.
 
@@ -66,8 +69,10 @@ def decode_image(
     """
     if isinstance(source, bytes):
         size, opened = len(source), io.BytesIO(source)
-    else:
+    elif isinstance(source, str | Path):
         size, opened = Path(source).stat().st_size, Path(source)
+    else:
+        size, opened = os.fstat(source.fileno()).st_size, source
     if size == 0:
         raise ImageRejected("empty", "zero-byte file")
     try:
@@ -110,9 +115,9 @@ def load_image(path: str | Path, *, min_size: int = 1, max_pixels: int = 40_000_
     return decode_image(Path(path), min_size=min_size, max_pixels=max_pixels).image
 
 
-def _unidentified(opened: io.BytesIO | Path) -> ImageRejected:
+def _unidentified(opened: BinaryIO | Path) -> ImageRejected:
     """Tell a picture in a format graft does not take from bytes that are no picture at all."""
-    if isinstance(opened, io.BytesIO):
+    if not isinstance(opened, Path):
         opened.seek(0)
     try:
         with Image.open(opened) as image:  # reads the header only, never the pixels

@@ -18,6 +18,11 @@ from typing import Literal
 from graft.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 
 SPLIT_FOLDERS = ("train", "val", "test")
+# Quarantine reasons known from the folder listing alone, before a file is opened.
+BROKEN_SYMLINK = "broken_symlink"
+SYMLINK_OUTSIDE_DATA = "symlink_outside_data"
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+UNDECODABLE_NAME = "undecodable_name"
 LayoutKind = Literal["class_folders", "split_folders"]
 
 
@@ -35,7 +40,9 @@ class ImageFile:
         label: its class folder's name.
         split: the split folder it sits in, or None in the class-folder layout.
         problem: a quarantine reason known without opening it (``symlink_outside_data``,
-            ``broken_symlink``, ``unsupported_format`` for an image type graft cannot read,
+            ``broken_symlink``, ``not_a_regular_file`` (a FIFO, socket or device: never opened),
+            ``undecodable_name`` (not UTF-8: ``relative`` and ``label`` show it escaped),
+            ``unsupported_format`` for an image type graft cannot read,
             e.g. ``.heic``), or "".
     """
 
@@ -74,6 +81,13 @@ class Layout:
     split_folders: tuple[str, ...] = ()
 
 
+def printable_name(name: str) -> str:
+    """``name`` as UTF-8 text: bytes that are not UTF-8 (a file name from another system's
+    encoding, held by Python as surrogates) become ``\\xNN`` escapes, so a name can be shown,
+    written to the manifest and checked by Great Expectations. Other names are unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None) -> Layout:
     """List the image files under ``data_dir`` and detect which layout it uses.
 
@@ -98,7 +112,9 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     ignored: list[IgnoredFile] = []
     label_depth = 1 if kind == "split_folders" else 0
     for path, problem in _walk(data_dir, roots):
-        relative = path.relative_to(data_dir).as_posix()
+        relative = printable_name(path.relative_to(data_dir).as_posix())
+        if relative != path.relative_to(data_dir).as_posix():
+            problem = problem or UNDECODABLE_NAME  # later stages could not name it in the manifest
         parts = relative.split("/")
         suffix = path.suffix.lower()
         if len(parts) <= label_depth + 1:
@@ -142,9 +158,9 @@ def _detect_kind(data_dir: Path, top_folders: list[str]) -> LayoutKind:
 
 def _class_names(data_dir: Path, kind: LayoutKind, top_folders: list[str]) -> tuple[str, ...]:
     if kind == "class_folders":
-        return tuple(sorted(top_folders))
+        return tuple(sorted(printable_name(name) for name in top_folders))
     names = {name for split in top_folders for name in _visible_folders(data_dir / split)}
-    return tuple(sorted(names))
+    return tuple(sorted(printable_name(name) for name in names))
 
 
 def _visible_folders(directory: Path) -> list[str]:
@@ -170,17 +186,19 @@ def _walk_below(
         if entry.is_symlink():
             target = Path(os.path.realpath(path))
             if not any(target.is_relative_to(root) for root in roots):
-                yield path, "symlink_outside_data"
+                yield path, SYMLINK_OUTSIDE_DATA
                 continue
             if not target.exists():
-                yield path, "broken_symlink"
+                yield path, BROKEN_SYMLINK  # a loop of links, too: it leads to nothing
                 continue
         if entry.is_dir():
             real = Path(os.path.realpath(path))
             if real not in ancestors:  # a link back up the tree would never end
                 yield from _walk_below(path, roots, (*ancestors, real))
-        else:
+        elif entry.is_file():
             yield path, ""
+        else:  # a FIFO would block the reader forever; a socket or device is no image either
+            yield path, NOT_A_REGULAR_FILE
 
 
 def _name(entry: os.DirEntry) -> str:

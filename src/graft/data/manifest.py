@@ -13,16 +13,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 from PIL import ImageStat
 
 from graft.config import DataParams
 from graft.data.images import ImageRejected, decode_image
-from graft.data.layout import ImageFile, Layout, discover_images
+from graft.data.layout import NOT_A_REGULAR_FILE, ImageFile, Layout, discover_images
 from graft.data.splits import assign_split, split_position
 from graft.errors import InputError
 from graft.files import write_text_atomic
@@ -45,6 +48,7 @@ MANIFEST_COLUMNS = (
 INTEGER_COLUMNS = ("bytes", "width", "height")
 FLOAT_COLUMNS = ("brightness",)
 DUPLICATE = "duplicate"
+TOO_LARGE = "too_large"  # over data.max_file_bytes: quarantined without being read
 # Decoding holds whole images in memory, so a few threads are plenty (Pillow releases the GIL).
 _MAX_DECODE_THREADS = 8
 
@@ -60,8 +64,12 @@ def build_manifest(
 
     A file that cannot be used is quarantined with its reason (``empty``, ``not_an_image``,
     ``unsupported_format``, ``truncated``, ``too_small``, ``too_many_pixels``, ``unreadable``,
-    ``symlink_outside_data``, ``broken_symlink``). A byte-identical copy of an earlier image
-    with the same label in the same split is quarantined as ``duplicate``.
+    ``symlink_outside_data``, ``broken_symlink``, ``not_a_regular_file``, ``too_large``,
+    ``undecodable_name``). Only
+    regular files are opened, and each is streamed (hashed in chunks, decoded by Pillow as it
+    reads), never read whole; one over ``data.max_file_bytes`` is not read at all. A
+    byte-identical copy of an earlier image with the same label in the same split is
+    quarantined as ``duplicate``.
 
     Args:
         data_dir: the data folder, in either layout of :mod:`graft.data.layout`.
@@ -108,16 +116,21 @@ def _describe(image: ImageFile, params: DataParams) -> dict:
         "reason": image.problem,
     }
     if image.problem:
-        return row  # never read through a link that leaves the data folder
+        return row  # never read through a link that leaves the data folder, nor a FIFO
     try:
-        content = image.path.read_bytes()
-    except OSError:
-        return {**row, "reason": "unreadable"}
-    row.update(sha256=hashlib.sha256(content).hexdigest(), bytes=len(content))
-    try:
-        decoded = decode_image(content, min_size=params.min_size, max_pixels=params.max_pixels)
+        with open_regular_file(image.path) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > params.max_file_bytes:
+                return {**row, "bytes": size, "reason": TOO_LARGE}
+            row.update(sha256=hashlib.file_digest(file, "sha256").hexdigest(), bytes=size)
+            file.seek(0)
+            decoded = decode_image(file, min_size=params.min_size, max_pixels=params.max_pixels)
+    except NotARegularFile:
+        return {**row, "reason": NOT_A_REGULAR_FILE}
     except ImageRejected as rejected:
         return {**row, "reason": rejected.reason}
+    except OSError:
+        return {**row, "reason": "unreadable"}
     width, height = decoded.image.size
     return {
         **row,
@@ -128,6 +141,22 @@ def _describe(image: ImageFile, params: DataParams) -> dict:
         "brightness": round(ImageStat.Stat(decoded.image.convert("L")).mean[0], 2),
         "status": "ok",
     }
+
+
+class NotARegularFile(OSError):
+    """The path is a FIFO, socket or device now, whatever it was when the folder was listed."""
+
+
+@contextmanager
+def open_regular_file(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading without ever blocking: a FIFO put there after the folder was
+    listed is refused (O_NONBLOCK, then fstat) instead of waiting for a writer forever."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NotARegularFile(path)
+    with os.fdopen(descriptor, "rb") as file:
+        yield file
 
 
 def _split_of(image: ImageFile, sha256: str, params: DataParams, has_val_folder: bool) -> str:

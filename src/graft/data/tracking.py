@@ -16,11 +16,15 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-# Each entry's problem, in the words of the manifest's quarantine reasons.
-BROKEN_SYMLINK = "broken_symlink"
+# Each entry's problem, in the words of the manifest's quarantine reasons (and a loop).
+from graft.data.layout import (
+    BROKEN_SYMLINK,
+    NOT_A_REGULAR_FILE,
+    SYMLINK_OUTSIDE_DATA,
+    printable_name,
+)
+
 SYMLINK_LOOP = "symlink_loop"
-SYMLINK_OUTSIDE_DATA = "symlink_outside_data"
-NOT_A_REGULAR_FILE = "not_a_regular_file"
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,8 @@ def _scan(directory: Path, data_dir: Path, root: Path, found: list[Unversionable
         path = Path(entry.path)
         problem = _problem(path, root)
         if problem:
-            relative = path.relative_to(data_dir).as_posix()
-            found.append(
-                Unversionable(
-                    relative.encode(errors="surrogateescape").decode(
-                        "utf-8", errors="backslashreplace"
-                    ),
-                    problem,
-                )
-            )
+            relative = printable_name(path.relative_to(data_dir).as_posix())
+            found.append(Unversionable(relative, problem))
         elif entry.is_dir(follow_symlinks=False):
             _scan(path, data_dir, root, found)
 

@@ -1,0 +1,139 @@
+"""Hostile files under data/: what a user's folder may hold, and what graft does with it.
+
+Every test runs the real command and ends by checking that data/ is byte-identical (names,
+contents, modes, mtimes, links still links): graft never writes, moves or deletes there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graft.data.manifest import read_manifest
+from graft.paths import ProjectPaths
+from tests.conftest import data_unchanged, make_project
+from tests.test_flow import dvc, run
+
+GRAFT = [sys.executable, "-m", "graft"]
+# A hung read must fail the test, not the suite: every command here finishes in seconds.
+LIMIT_S = 120
+
+
+def graft(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*GRAFT, *args, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        env={**os.environ, "COLUMNS": "200"},  # rich tables: no wrapped names
+    )
+
+
+def hostile_entries(data: Path, outside: Path) -> None:
+    """A FIFO named like an image, a broken link, a link loop, a link out of data/."""
+    os.mkfifo(data / "3" / "x.png")
+    (data / "4" / "broken.png").symlink_to(data / "4" / "gone.png")
+    (data / "5" / "loop.png").symlink_to(data / "5" / "loop.png")
+    outside.write_bytes(b"a private file that is no part of the data set")
+    (data / "6" / "escape.png").symlink_to(outside)
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> ProjectPaths:
+    """A project whose data/ is versioned by DVC (`dvc add data`), in a git repository."""
+    paths = make_project(tmp_path / "project")
+    assert run(paths.root, "git", "init", "--quiet").returncode == 0
+    dvc(paths.root, "init", "--quiet")
+    dvc(paths.root, "config", "core.analytics", "false")
+    dvc(paths.root, "add", "--quiet", "data")
+    return paths
+
+
+def test_validate_quarantines_a_fifo_links_that_lead_nowhere_and_odd_names_without_hanging(
+    tmp_path: Path,
+):
+    paths = make_project(tmp_path / "project")
+    hostile_entries(paths.data, tmp_path / "outside.png")
+    digit = sorted((paths.data / "7").iterdir())[0]
+    shutil.copy(digit, os.path.join(os.fsencode(paths.data / "7"), b"caf\xe9.png"))  # Latin-1
+
+    with data_unchanged(paths.data):
+        result = graft(paths.root, "validate")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    reasons = read_manifest(paths.manifest).set_index("path")["reason"]
+    assert reasons["3/x.png"] == "not_a_regular_file"
+    assert reasons["4/broken.png"] == "broken_symlink"
+    assert reasons["5/loop.png"] == "broken_symlink"
+    assert reasons["6/escape.png"] == "symlink_outside_data"
+    assert reasons["7/caf\\xe9.png"] == "undecodable_name"
+    assert "7/caf\\xe9.png" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_file_over_max_file_bytes_is_quarantined_without_being_read(tmp_path: Path):
+    paths = make_project(tmp_path / "project", overrides={"data": {"max_file_bytes": 1000}})
+    big = paths.data / "2" / "big.png"
+    from PIL import Image
+
+    Image.effect_noise((64, 64), 64).save(big)  # noise: a PNG of some kilobytes
+    assert big.stat().st_size > 1000
+
+    with data_unchanged(paths.data):
+        result = graft(paths.root, "validate")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = read_manifest(paths.manifest).set_index("path").loc["2/big.png"]
+    assert row["reason"] == "too_large" and row["bytes"] == big.stat().st_size
+    assert row["sha256"] == ""  # never read: not even hashed
+
+
+def test_check_data_names_what_dvc_cannot_version_before_dvc_runs(
+    dvc_project: ProjectPaths, tmp_path: Path
+):
+    hostile_entries(dvc_project.data, tmp_path / "outside.png")
+    with data_unchanged(dvc_project.data):
+        result = graft(dvc_project.root, "check-data")
+    assert result.returncode == 4, result.stdout + result.stderr
+    for line in (
+        "3/x.png: not_a_regular_file",
+        "4/broken.png: broken_symlink",
+        "5/loop.png: symlink_loop",
+        "6/escape.png: symlink_outside_data",
+    ):
+        assert line in result.stderr
+    assert "Traceback" not in result.stderr
+    cache = dvc_project.root / ".dvc" / "cache"
+    outside = (tmp_path / "outside.png").read_bytes()
+    assert not any(p.read_bytes() == outside for p in cache.rglob("*") if p.is_file())
+
+
+def test_check_data_names_a_relabel_an_addition_a_deletion_and_records_only_when_asked(
+    dvc_project: ProjectPaths,
+):
+    data = dvc_project.data
+    (data / "1" / "digit_0001.png").rename(data / "2" / "digit_0001.png")  # a relabel
+    shutil.copy(data / "3" / "digit_0003.png", data / "3" / "new.png")
+    (data / "4" / "digit_0004.png").unlink()
+    recorded = dvc_project.data_dvc.read_text()
+
+    with data_unchanged(data):
+        refused = graft(dvc_project.root, "check-data")
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        message = " ".join(refused.stderr.split())
+        assert "moved: data/1/digit_0001.png -> data/2/digit_0001.png" in message
+        assert "added: data/3/new.png" in message and "deleted: data/4/digit_0004.png" in message
+        assert "`dvc add data`" in message
+        assert dvc_project.data_dvc.read_text() == recorded
+
+        recording = graft(dvc_project.root, "check-data", "--record")
+        assert recording.returncode == 0, recording.stdout + recording.stderr
+
+    assert dvc_project.data_dvc.read_text() != recorded
+    assert "data/: unchanged" in graft(dvc_project.root, "check-data").stdout
+    status = dvc(dvc_project.root, "status", "data.dvc").stdout
+    assert "up to date" in status
