@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from graft.calibration import fit_temperature, fold_temperature, negative_log_likelihood
+from graft.calibration import (
+    BOUNDS,
+    fit_bounded_temperature,
+    fit_temperature,
+    fold_temperature,
+    mean_confidence,
+    negative_log_likelihood,
+)
 
 
 def test_the_temperature_that_made_the_labels_is_found_again():
@@ -40,3 +47,28 @@ def test_folding_divides_the_last_layer_s_logits_and_keeps_every_argmax():
         fold_temperature(head, 0.0)
     with pytest.raises(ValueError, match="no Linear layer"):
         fold_temperature(torch.nn.ReLU(), 2.0)
+
+
+def test_a_val_split_without_errors_gives_a_bounded_flagged_temperature():
+    """Every val image right: the likelihood alone would shrink T to its bound and ship a model
+    claiming certainty; the bound keeps the mean confidence at Laplace's (n + 1) / (n + 2)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=60)
+    logits = rng.normal(0.0, 1.0, size=(60, 4))
+    logits[np.arange(60), labels] = logits.max(axis=1) + 1.0  # the true class always on top
+    fit = fit_bounded_temperature(logits, labels)
+    assert fit.errors == 0 and fit.bounded
+    assert fit.likelihood_temperature == pytest.approx(BOUNDS[0], rel=0.01)  # the degenerate fit
+    assert fit.confidence_ceiling == pytest.approx(61 / 62)
+    assert mean_confidence(logits, fit.temperature) == pytest.approx(61 / 62, abs=1e-4)
+    assert mean_confidence(logits, fit.likelihood_temperature) > 0.9999  # what it would claim
+
+
+def test_a_val_split_with_errors_keeps_the_likelihood_temperature():
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0.0, 2.0, size=(3000, 5))
+    probabilities = np.exp(true_logits) / np.exp(true_logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in probabilities])
+    fit = fit_bounded_temperature(true_logits * 0.5, labels)  # an underconfident model
+    assert not fit.bounded and fit.errors > 100
+    assert fit.temperature == fit.likelihood_temperature == pytest.approx(0.5, rel=0.08)

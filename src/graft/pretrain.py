@@ -211,7 +211,7 @@ def train_classifier(
         val_x,
         data.val.labels,
         len(data.labels),
-        HeadParams(seed=training.seed),
+        HeadParams(kind="linear", seed=training.seed),  # as the figures were measured
     )
     model = attach_head(backbone.model, head.head)
     seconds = {0: time.monotonic() - started}

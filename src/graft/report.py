@@ -142,6 +142,14 @@ def evaluation_markdown(
             f"(`finetune.calibrate`; accuracy is unchanged): val ECE "
             f"{calibration['val_ece_before']:.4f} before, {calibration['val_ece']:.4f} after.",
         ]
+        if calibration.get("bounded"):
+            lines[-1] += (
+                f" **Bounded**: val has {calibration['val_errors']} errors in "
+                f"{calibration['val_images']} images, too few to fit a temperature on (the "
+                f"likelihood alone asks for {calibration['likelihood_temperature']:.3f}); it is "
+                f"raised until the mean val confidence is {calibration['confidence_ceiling']:.4f},"
+                " Laplace's estimate of the accuracy."
+            )
     candidate = results[blessing.candidate]
     if candidate["n"] < SMALL_TEST_SET:
         low, high = candidate.get("accuracy_ci95_wilson", candidate["accuracy_ci95"])

@@ -146,6 +146,14 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece']:.4f}, val NLL "
             f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll']:.4f}"
         )
+        if calibration["bounded"]:
+            print(
+                f"finetune: val has {calibration['val_errors']} errors in "
+                f"{calibration['val_images']} images: the temperature is bounded (likelihood "
+                f"alone: {calibration['likelihood_temperature']:.3f}) so that the mean val "
+                f"confidence stays at {calibration['confidence_ceiling']:.4f}, Laplace's "
+                "estimate of the accuracy"
+            )
     return result
 
 
