@@ -24,6 +24,7 @@ from graft.registry import (
     RegistryError,
     assign_production,
     production_version,
+    record_production,
     register_production,
 )
 from graft.serving.app import create_app
@@ -127,7 +128,9 @@ def test_promote_in_one_clone_fetch_by_stage_and_serve_in_another(hosts):
         assert len(http.get("/metadata").json()["labels"]) == 5
 
     time.sleep(1.1)
-    rolled_back = assign_production(train, first.version, "rollback")  # what rollback does
+    restored = train / "restored.onnx"  # what rollback puts back in production
+    shutil.copyfile(DIGITS_MODEL, restored)
+    rolled_back = record_production(train, restored, "rollback")  # graft rollback's hook
     assert rolled_back.stage_tag not in (first.stage_tag, second.stage_tag)
     assert production_version(train) == first.version
     push_tags(train)

@@ -155,6 +155,7 @@ def promote(
         record = promote_model(root, load_params(ProjectPaths(root).params), force, reason)
     forced = " (forced: " + record.reason + ")" if record.forced else ""
     typer.echo(f"Promoted {record.model_sha256[:12]} to production{forced}.")
+    _record_in_registry(root, "promote")
 
 
 @app.command()
@@ -167,6 +168,31 @@ def rollback(root: Path = ROOT) -> None:
     with _reported("rollback"):
         restored = rollback_model(root, load_params(ProjectPaths(root).params))
     typer.echo(f"Rolled back: production is {restored[:12]} again.")
+    _record_in_registry(root, "rollback")
+
+
+def _record_in_registry(root: Path, action: str) -> None:
+    """The registry hook of promote and rollback: point GTO's ``prod`` stage at the model now
+    in production and name the tags in its promotion record (graft.registry)."""
+    from graft.config import load_params
+    from graft.files import read_json, write_json
+    from graft.paths import ProjectPaths
+    from graft.promotion import production_dir
+    from graft.registry import record_production
+
+    production = production_dir(ProjectPaths(root), load_params(ProjectPaths(root).params))
+    with _reported(action):
+        entry = record_production(root, production / "model.onnx", f"graft {action}")
+        record_path = production / "promotion.json"
+        if record_path.is_file():
+            write_json(record_path, {**read_json(record_path), "registry": entry.to_dict()})
+    if entry.registered:
+        typer.echo(
+            f"Registry: {entry.version_tag} is in prod ({entry.stage_tag}); publish with "
+            "`git push origin --tags` and `dvc push`."
+        )
+    else:
+        typer.echo(f"Registry: not recorded ({entry.skipped}).")
 
 
 @app.command("select-backbone")

@@ -85,10 +85,10 @@ def artifact_path(root: Path, name: str = ARTIFACT) -> str | None:
     return str(entry["path"]) if isinstance(entry, dict) and "path" in entry else None
 
 
-def _locked_md5(root: Path, path: str) -> str | None:
-    """The md5 HEAD's ``dvc.lock`` records for the output ``path`` (None if it records none)."""
+def _locked_md5(root: Path, path: str, commit: str = "HEAD") -> str | None:
+    """The md5 ``commit``'s ``dvc.lock`` records for the output ``path`` (None if none)."""
     try:
-        lock = yaml.safe_load(_git(root, "show", "HEAD:dvc.lock")) or {}
+        lock = yaml.safe_load(_git(root, "show", f"{commit}:dvc.lock")) or {}
     except subprocess.CalledProcessError:
         return None
     for stage in (lock.get("stages") or {}).values():
@@ -138,6 +138,21 @@ def register_production(root: Path, model: Path, message: str = "") -> RegistryE
         tag = gto.register(root, ARTIFACT, ref=commit, message=message or None)
         version = tag.version
     return assign_production(root, version, message)
+
+
+def record_production(root: Path, model: Path, message: str = "") -> RegistryEntry:
+    """Point ``prod`` at the registered version that records ``model``'s bytes, registering
+    HEAD first if none does: what promote and rollback call after switching production."""
+    root = Path(root)
+    if not is_git_repo(root):
+        return RegistryEntry(False, skipped="not a git repository")
+    path = artifact_path(root)
+    if path is not None:
+        md5 = _md5(model)
+        for row in reversed(_shown(root)):  # newest first
+            if _locked_md5(root, path, row["commit"]) == md5:
+                return assign_production(root, row["version"], message)
+    return register_production(root, model, message)
 
 
 def assign_production(root: Path, version: str, message: str = "") -> RegistryEntry:
