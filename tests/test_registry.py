@@ -9,6 +9,7 @@ follows.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -158,3 +159,22 @@ def test_re_promoting_the_version_in_prod_adds_no_tag(hosts):
     tags = run(train, "git", "tag")
     again = register_production(train, train / "models" / "model.onnx")
     assert again == first and run(train, "git", "tag") == tags
+
+
+def test_the_promote_hook_names_the_tags_in_the_promotion_record(hosts, capsys):
+    from graft.cli import _record_in_registry
+
+    _, train, _ = hosts
+    (train / "params.yaml").write_text("{}\n")  # every default: production in models/production
+    export(train, DIGITS_MODEL, "export digits")
+    production = train / "models" / "production"
+    production.mkdir()
+    shutil.copyfile(train / "models" / "model.onnx", production / "model.onnx")
+    (production / "promotion.json").write_text('{"promoted": true}')
+    _record_in_registry(train, "promote")
+    record = json.loads((production / "promotion.json").read_text())
+    assert record["promoted"] is True  # the record is kept, the registry added
+    entry = record["registry"]
+    assert entry["registered"] and entry["stage_tag"] in run(train, "git", "tag").split()
+    assert production_version(train) == entry["version"]
+    assert f"{entry['version_tag']} is in prod" in capsys.readouterr().out

@@ -30,7 +30,17 @@ Endpoints (all answers are JSON):
 ``GET /metadata``
     ``{"labels": [...], "preprocessing": {...timm data config...}, "model": {"path", "sha256",
     "version", "bytes", "loaded_at"}, "metadata": {...the ONNX metadata...}, "limits": {...},
-    "reload": {"interval_s", "reloads", "last_error"}}``.
+    "server_limits": {...}, "reload": {"interval_s", "reloads", "failed_reloads",
+    "last_error"}}``.
+``GET /metrics``
+    Prometheus text (:mod:`graft.serving.observability`).
+``/v2/...``
+    The Open Inference Protocol (:mod:`graft.serving.v2`), errors ``{"error": "..."}``.
+``GET /docs``, ``/redoc``, ``/openapi.json``
+    The API contract (request bodies, answers, error schemas) and its UIs (off with
+    ``--no-docs``, except ``/openapi.json``).
+
+Every answer carries ``X-Request-ID`` (the client's, or a new one).
 
 Errors are ``{"detail": {"reason": "<code>", "message": "<what and what to do>"}}``:
 
@@ -41,15 +51,20 @@ Errors are ``{"detail": {"reason": "<code>", "message": "<what and what to do>"}
 - 415 ``unsupported_media_type`` (neither an image nor multipart);
 - 422 ``malformed_multipart``, ``not_a_file`` (a text field in the form), ``invalid_parameter``
   (``top_k``), with FastAPI's ``errors`` list for the latter;
+- 408 ``body_timeout`` (``--body-timeout``; ``header_timeout`` comes from the protocol,
+  :mod:`graft.serving.server`);
 - 500 ``non_finite_output`` only if the model itself produces NaN or infinity: a NaN never
-  reaches a response.
+  reaches a response;
+- 503 ``too_many_uploads`` (``--max-concurrent-uploads``) and ``too_many_connections``
+  (``--max-connections``, from the protocol), with ``Retry-After``.
 
 Reload: a background thread ``stat``s the model file every ``--reload-interval`` seconds. When
 its inode, size or mtime change (promotion replaces ``models/production/model.onnx`` by an
 atomic rename), the new file is loaded and warmed beside the old one, then one reference is
 swapped. A request keeps the model it started with, so none fails or mixes two models; a file
-that does not load is reported in ``/metadata``'s ``reload.last_error`` and the old model
-stays.
+that does not load (or cannot be read) is reported in ``/metadata``'s ``reload.last_error``,
+counted in ``reload.failed_reloads`` and ``graft_model_reload_failures_total``, and the old
+model stays.
 """
 
 from __future__ import annotations

@@ -124,6 +124,11 @@ def preprocess_images(
             which = f"image {index}" + (f" ({name})" if name else "")
             message = f"{which} is not usable ({exc.reason}): {exc.detail}"
             raise RequestRejected(status, exc.reason, message) from None
+        except MemoryError:  # whatever the loader's bounds miss is still the input's size
+            which = f"image {index}" + (f" ({name})" if name else "")
+            raise RequestRejected(
+                413, "too_large_to_process", f"{which} needs more memory than the server has."
+            ) from None
     return np.stack(arrays)
 
 
