@@ -57,7 +57,7 @@ repro: sample-data  ## the same pipeline through `dvc repro`, after graft check-
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
-test: $(STAMP) docs test-serve  ## the docs build, the whole test suite (slow tests included) and test-serve
+test: $(STAMP) lint docs test-serve  ## lint, the docs build, the whole test suite (slow tests included) and test-serve
 	$(PYTEST)
 
 # The serving side alone: a venv with graft's `serve` extra and the test runner, no torch (the
@@ -89,13 +89,14 @@ bench: $(STAMP)  ## benchmarks; figures go to bench/results/
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/infer.py
 
-lint: $(STAMP)  ## ruff lint and format check
-	$(BIN)/ruff check src flows tests
-	$(BIN)/ruff format --check src flows tests
+lint: $(STAMP)  ## ruff lint and format check, and the import contracts (pyproject.toml) by lint-imports
+	$(BIN)/ruff check src flows tests bench
+	$(BIN)/ruff format --check src flows tests bench
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)  ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff check --fix src flows tests
-	$(BIN)/ruff format src flows tests
+	$(BIN)/ruff check --fix src flows tests bench
+	$(BIN)/ruff format src flows tests bench
 
 clean:  ## remove pipeline outputs (never data/, never models/production/)
 	rm -rf artifacts metrics plots reports dvclive .pytest_cache

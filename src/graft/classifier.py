@@ -19,7 +19,7 @@ from torch import nn
 
 from graft.backbones import WeightsError, create_backbone
 from graft.errors import GraftError, MissingInputError
-from graft.files import replacing
+from graft.files import read_json, replacing, write_json
 from graft.head import make_head
 
 CHECKPOINT_FORMAT = "graft.classifier/1"
@@ -47,6 +47,20 @@ class Checkpoint:
     kind: Kind
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any]
+
+
+def write_spec(path: Path, spec: ModelSpec) -> None:
+    """Write ``spec`` as JSON (``artifacts/features/spec.json``: what the features come from)."""
+    write_json(path, asdict(spec))
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The spec :func:`write_spec` wrote.
+
+    Raises:
+        MissingInputError: if ``path`` does not exist yet.
+    """
+    return ModelSpec(**read_json(path))
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

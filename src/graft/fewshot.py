@@ -26,28 +26,15 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, LeaveOneOut
 from threadpoolctl import threadpool_limits
-from torch import nn
 
 from graft.config import FewShotParams, Params
 from graft.data.manifest import read_manifest
-from graft.head import HeadResult
+from graft.head import HeadResult, l2_linear_head
 
 HEAD_KIND = "l2_linear"
 SCALES = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0)  # prototype temperatures tried
 MAX_LEAVE_ONE_OUT = 200  # more images than this: 5-fold cross-validation instead
 _ABSENT = -1e4  # logit bias of a class without any training image (never predicted)
-
-
-class L2Normalize(nn.Module):
-    """Scale each feature vector to unit length (ONNX: ReduceL2 and Div)."""
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(features, dim=1)
-
-
-def l2_linear_head(in_features: int, num_classes: int) -> nn.Module:
-    """The few-shot head kind: ``Linear`` on L2-normalised features."""
-    return nn.Sequential(L2Normalize(), nn.Linear(in_features, num_classes))
 
 
 def l2_normalise(features: np.ndarray) -> np.ndarray:

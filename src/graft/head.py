@@ -76,6 +76,18 @@ def head_architecture(params: HeadParams) -> dict[str, Any]:
     return {"kind": "linear"}
 
 
+class L2Normalize(nn.Module):
+    """Scale each feature vector to unit length (ONNX: ReduceL2 and Div)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(features, dim=1)
+
+
+def l2_linear_head(in_features: int, num_classes: int) -> nn.Module:
+    """The few-shot head kind (graft.fewshot): ``Linear`` on L2-normalised features."""
+    return nn.Sequential(L2Normalize(), nn.Linear(in_features, num_classes))
+
+
 def make_head(in_features: int, num_classes: int, architecture: dict[str, Any]) -> nn.Module:
     """A fresh head: ``nn.Linear`` for ``{"kind": "linear"}``, or the MLP for ``"mlp"``."""
     kind = architecture.get("kind", "linear")
@@ -90,8 +102,6 @@ def make_head(in_features: int, num_classes: int, architecture: dict[str, Any]) 
             nn.Linear(hidden, num_classes),
         )
     if kind == "l2_linear":  # the few-shot heads (graft.fewshot): Linear on unit-length features
-        from graft.fewshot import l2_linear_head
-
         return l2_linear_head(in_features, num_classes)
     raise HeadError(f"Unknown head kind {kind!r}: use head.kind linear or mlp.")
 

@@ -34,9 +34,8 @@ def _live_class() -> type:
     (before the first commit) it raises. graft saves no DVC experiment from here, so the
     repository's history is not needed: carry on without it.
     """
-    from scmrepo.exceptions import SCMError
-
     from dvclive import Live  # imported here: it pulls in much of DVC
+    from scmrepo.exceptions import SCMError
 
     class _Live(Live):
         def _init_dvc(self) -> None:

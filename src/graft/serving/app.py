@@ -106,7 +106,7 @@ from graft.serving.model import (
     load_model,
 )
 from graft.serving.observability import Metrics, Observe
-from graft.serving.server import ServeSettings
+from graft.serving.settings import ServeSettings
 from graft.serving.v2 import v2_error, v2_router
 
 log = logging.getLogger("graft.serving")

@@ -24,27 +24,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from graft.serving.limits import Limits, ServerLimits
+from graft.serving.limits import ServerLimits
 from graft.serving.model import load_model
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Everything ``graft serve`` was asked, picklable for worker processes."""
-
-    model_path: str
-    limits: Limits = field(default_factory=Limits)
-    server_limits: ServerLimits = field(default_factory=ServerLimits)
-    reload_interval_s: float = 2.0
-    threads: int | None = None
-    model_name: str = "graft"
-    docs: bool = True
+from graft.serving.settings import ServeSettings
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from graft.classifier import ModelSpec
+from graft.classifier import ModelSpec, write_spec
 from graft.config import Params, load_params
 from graft.data.manifest import read_manifest
 from graft.data.splits import SPLITS
 from graft.embedding import Embedding, embed, int8_gate
 from graft.features import save_feature_set
-from graft.files import read_json, write_json
+from graft.files import write_json
 from graft.paths import ProjectPaths
 
 
@@ -34,7 +34,7 @@ def main(root: Path = Path(".")) -> ModelSpec:
         backbone.name, backbone.weights, backbone.weights_sha256, backbone.data_config,
         embedding.labels,
     )  # fmt: skip
-    write_json(paths.features / "spec.json", asdict(spec))
+    write_spec(paths.features / "spec.json", spec)
     write_json(paths.metrics / "features.json", metrics)
     return spec
 
@@ -83,8 +83,3 @@ def _counts(prefix: str, embedding: Embedding) -> dict:
         f"{prefix}_computed": report.computed,
         f"{prefix}_seconds": round(report.seconds, 3),
     }
-
-
-def load_spec(paths: ProjectPaths) -> ModelSpec:
-    """The backbone and labels the cached features were made with."""
-    return ModelSpec(**read_json(paths.features / "spec.json"))

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graft.classifier import Checkpoint, save_checkpoint
+from graft.classifier import Checkpoint, read_spec, save_checkpoint
 from graft.config import load_params
 from graft.features import load_feature_set
 from graft.files import write_json
 from graft.head import HeadResult, train_head
 from graft.live_log import write_live_log
 from graft.paths import ProjectPaths
-from graft.stages.features import load_spec
 
 
 def main(root: Path = Path(".")) -> HeadResult:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
-    spec = load_spec(paths)
+    spec = read_spec(paths.features / "spec.json")
     train = load_feature_set(paths.features / "train.npz")
     val = load_feature_set(paths.features / "val.npz")
     fit, settings = train_head, params.head
