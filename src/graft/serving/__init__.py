@@ -6,7 +6,8 @@ graft's base dependencies: nothing here imports torch, timm, onnx, scikit-learn 
 
 - :mod:`graft.serving.model`: load a model file with its labels and preprocessing, classify.
 - :mod:`graft.serving.predict`: classify files and folders into a CSV or JSON table.
-- :mod:`graft.serving.app`: the FastAPI application (endpoints, its OpenAPI contract, reload).
+- :mod:`graft.serving.app`: the FastAPI application (endpoints, reload, error answers).
+- :mod:`graft.serving.contract`: the OpenAPI contract of graft's own API (schemas, bodies).
 - :mod:`graft.serving.inputs`: request bodies within limits (size, time, uploads at once).
 - :mod:`graft.serving.v2`: the Open Inference Protocol (KServe v2) endpoints.
 - :mod:`graft.serving.observability`: Prometheus metrics, request ids, text or JSON logs.

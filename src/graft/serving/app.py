@@ -83,13 +83,13 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from graft.serving.contract import PREDICT_BODY, PREDICT_ERRORS, Health, PredictResponse, Ready
 from graft.serving.inputs import (
     RequestRejected,
     UploadSlots,
@@ -210,87 +210,6 @@ class ServingState:
         return await read_body(
             request, self.limits.max_body_bytes, self.server_limits.body_timeout_s
         )
-
-
-# ---- The documented contract (OpenAPI): what /docs shows and lets a user try. ----
-
-
-class TopLabel(BaseModel):
-    label: str
-    probability: float = Field(ge=0, le=1, description="softmax probability")
-
-
-class ImagePrediction(BaseModel):
-    filename: str | None = Field(description="the part's file name; null for a raw body")
-    label: str = Field(description="the most probable label")
-    probability: float = Field(ge=0, le=1)
-    top_k: list[TopLabel] = Field(description="most probable first")
-
-
-class ModelRef(BaseModel):
-    sha256: str = Field(description="of the served ONNX file")
-    version: str = Field(description="the first 12 hex digits of sha256")
-
-
-class PredictResponse(BaseModel):
-    model: ModelRef
-    predictions: list[ImagePrediction] = Field(description="one per image, in the order sent")
-
-
-class ErrorDetail(BaseModel):
-    reason: str = Field(description="a stable code, e.g. not_an_image, body_too_large")
-    message: str = Field(description="what is wrong and what to do")
-
-
-class ErrorResponse(BaseModel):
-    detail: ErrorDetail
-
-
-class Health(BaseModel):
-    status: str
-
-
-class Ready(BaseModel):
-    status: str
-    model: ModelRef
-
-
-_BINARY = {"type": "string", "format": "binary"}
-PREDICT_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "One image as the raw body (any image/* type or "
-        "application/octet-stream), or images as multipart/form-data file parts (any field "
-        "name, answered in order).",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {"files": {"type": "array", "items": _BINARY}},
-                }
-            },
-            "image/png": {"schema": _BINARY},
-            "image/jpeg": {"schema": _BINARY},
-            "application/octet-stream": {"schema": _BINARY},
-        },
-    }
-}
-
-
-def _errors(*cases: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse, "description": text} for status, text in cases}
-
-
-PREDICT_ERRORS = _errors(
-    (400, "empty, not_an_image, truncated, unsupported_format, too_small, empty_batch"),
-    (408, "body_timeout: the body took longer than --body-timeout"),
-    (413, "body_too_large, too_many_pixels, batch_too_large"),
-    (415, "unsupported_media_type"),
-    (422, "malformed_multipart, not_a_file, invalid_parameter"),
-    (500, "non_finite_output: the model itself is broken"),
-    (503, "too_many_uploads or too_many_connections; see Retry-After"),
-)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
