@@ -152,16 +152,9 @@ def test_nothing_is_registered_unless_head_records_the_promoted_file(hosts, tmp_
         assign_production(train, "v9.9.9")
 
 
-def test_re_promoting_the_version_in_prod_adds_no_tag(hosts):
-    _, train, _ = hosts
-    export(train, DIGITS_MODEL, "export digits")
-    first = register_production(train, train / "models" / "model.onnx")
-    tags = run(train, "git", "tag")
-    again = register_production(train, train / "models" / "model.onnx")
-    assert again == first and run(train, "git", "tag") == tags
-
-
-def test_the_promote_hook_names_the_tags_in_the_promotion_record(hosts, capsys):
+def test_the_promote_hook_names_the_tags_in_the_record_and_adds_none_on_a_re_promotion(
+    hosts, capsys
+):
     from graft.cli import _record_in_registry
 
     _, train, _ = hosts
@@ -178,3 +171,7 @@ def test_the_promote_hook_names_the_tags_in_the_promotion_record(hosts, capsys):
     assert entry["registered"] and entry["stage_tag"] in run(train, "git", "tag").split()
     assert production_version(train) == entry["version"]
     assert f"{entry['version_tag']} is in prod" in capsys.readouterr().out
+    tags = run(train, "git", "tag")
+    _record_in_registry(train, "promote")  # the same model again: prod already points at it
+    assert run(train, "git", "tag") == tags
+    assert json.loads((production / "promotion.json").read_text())["registry"] == entry
