@@ -126,7 +126,9 @@ class Observe:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
-        token = request_id_var.set(request_id)
+        # Not reset afterwards: each request runs in a task of its own (a copy of the context),
+        # so uvicorn's own line about an exception escaping the application keeps the id too.
+        request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         status = 500
 
@@ -145,7 +147,6 @@ class Observe:
             await self.app(scope, receive, send_with_id)
         finally:
             self._record(scope, state, status, time.perf_counter() - started, request_id)
-            request_id_var.reset(token)
 
     def _record(self, scope: dict, state: dict, status: int, seconds: float, rid: str) -> None:
         route = scope.get("route")
