@@ -8,6 +8,7 @@ lives in uvicorn's protocol (header timeout, connection cap, workers, log lines)
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -419,3 +420,68 @@ def test_the_serve_lock_pins_the_serve_extra_without_torch_and_docker_caches_it(
     # leaves their layer cached
     assert position["requirement requirements/serve.lock"] < position["COPY src"]
     assert position["COPY src"] < position["--no-deps ."]
+
+
+def _infer_bodies() -> dict[str, tuple[bytes, dict[str, str]]]:
+    image = base64.b64encode(sample_images()[0].read_bytes()).decode()
+
+    def body(**changes: object) -> bytes:
+        spec = {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [image]}
+        request = {"inputs": [spec]}
+        for key, value in changes.items():
+            if key == "input_parameters":
+                spec["parameters"] = value
+            elif key in ("inputs", "outputs", "parameters", "id"):
+                request[key] = value
+            else:
+                spec[key] = value
+        return json.dumps(request).encode()
+
+    plain: dict[str, str] = {}
+    return {
+        "not JSON": (b"{", plain),
+        "a list": (b"[]", plain),
+        "no inputs": (b"{}", plain),
+        "two inputs": (json.dumps({"inputs": [{}, {}]}).encode(), plain),
+        "input not an object": (body(inputs=[3]), plain),
+        "shape not a list": (body(shape="1"), plain),
+        "negative shape": (body(shape=[-1]), plain),
+        "bool shape": (body(shape=[True]), plain),
+        "unknown datatype": (body(datatype="INT8"), plain),
+        "bytes not base64": (body(data=["***"]), plain),
+        "bytes not strings": (body(data=[1, 2]), plain),
+        "count mismatch": (body(shape=[2]), plain),
+        "empty batch": (body(shape=[0], data=[]), plain),
+        "fp32 wrong rank": (body(datatype="FP32", shape=[1, 3], data=[0, 0, 0]), plain),
+        "fp32 not numbers": (body(datatype="FP32", shape=[1, 1, 1, 1], data=[{"a": 1}]), plain),
+        "fp32 NaN": (
+            b'{"inputs": [{"datatype": "FP32", "shape": [1,1,1,1], "data": [NaN]}]}',
+            plain,
+        ),
+        "fp32 huge": (body(datatype="FP32", shape=[1, 1, 1, 1], data=[1e30]), plain),
+        "fp32 wrong size": (body(datatype="FP32", shape=[1, 3, 8, 8], data=[0.0] * 192), plain),
+        "outputs not a list": (body(outputs="probabilities"), plain),
+        "unknown output": (body(outputs=[{"name": "logits"}]), plain),
+        "output parameters not an object": (
+            body(outputs=[{"name": "label", "parameters": "x"}]),
+            plain,
+        ),
+        "bad header length": (body(), {"inference-header-content-length": "999999"}),
+        "header length not a number": (body(), {"inference-header-content-length": "-3"}),
+        "binary size mismatch": (
+            body(data=None, input_parameters={"binary_data_size": 9}) + b"\x01\x00\x00\x00x",
+            {
+                "inference-header-content-length": str(
+                    len(body(data=None, input_parameters={"binary_data_size": 9}))
+                )
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_infer_bodies()))
+def test_each_malformed_infer_request_gets_a_4xx_in_the_protocol_s_shape(client, case):
+    content, headers = _infer_bodies()[case]
+    answer = client.post("/v2/models/graft/infer", content=content, headers=headers)
+    assert 400 <= answer.status_code < 500, (case, answer.status_code, answer.text)
+    assert set(answer.json()) == {"error"} and answer.json()["error"]

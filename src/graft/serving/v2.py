@@ -226,7 +226,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferCall:
         raise _bad(f"The request is not JSON: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise _bad("The request must be a JSON object with an 'inputs' list.")
-    if len(request["inputs"]) != 1 or not isinstance(request["inputs"][0], dict):
+    if len(request["inputs"]) == 1 and not isinstance(request["inputs"][0], dict):
+        raise _bad("The input must be a JSON object: name, datatype, shape and data.")
+    if len(request["inputs"]) != 1:
         raise _bad(
             f"{len(request['inputs'])} inputs given; send exactly one: 'image' (FP32 "
             "[N, 3, H, W]) or 'image_bytes' (BYTES [N], encoded image files)."
@@ -324,9 +326,15 @@ def _outputs(request: dict[str, Any]) -> list[tuple[str, bool]]:
     if wanted is None:
         return [(name, binary_default) for name in OUTPUTS]
     if not isinstance(wanted, list) or not all(
-        isinstance(o, dict) and o.get("name") in OUTPUTS for o in wanted
+        isinstance(o, dict)
+        and o.get("name") in OUTPUTS
+        and isinstance(o.get("parameters") or {}, dict)
+        for o in wanted
     ):
-        raise _bad(f"'outputs' must name outputs among {list(OUTPUTS)}.")
+        raise _bad(
+            f'\'outputs\' must be a list of {{"name": one of {list(OUTPUTS)}, "parameters": '
+            "{...}}."
+        )
     return [
         (o["name"], (o.get("parameters") or {}).get("binary_data", binary_default) is True)
         for o in wanted
