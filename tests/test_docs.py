@@ -45,10 +45,14 @@ FILE_SUFFIXES = (".py", ".json", ".md", ".yaml", ".yml", ".csv", ".png", ".onnx"
 
 @dataclass(frozen=True)
 class Command:
-    """One command as written in a page: where, and its words."""
+    """One command as written in a page: where, and its words.
+
+    ``inline`` commands are named in prose (`dvc artifacts get`) and may leave out arguments.
+    """
 
     where: str
     argv: tuple[str, ...]
+    inline: bool = False
 
     def __str__(self) -> str:
         return f"{self.where}: {shlex.join(self.argv)}"
@@ -102,7 +106,7 @@ def commands_in(text: str, where: str) -> list[Command]:
             # `graft promote: ... not found` quotes a message, not a command
             if words[0] in CHECKED_PROGRAMS and len(words) > 1 and not re.search(r":(\s|$)", span):
                 for words in _split_commands(span):
-                    found.append(Command(where, tuple(words)))
+                    found.append(Command(where, tuple(words), inline=True))
     return [c for c in found if c.argv[0].split("/")[-1] in CHECKED_PROGRAMS]
 
 
@@ -183,17 +187,27 @@ def _set_params_problem(assignments: list[str]) -> str | None:
     return None
 
 
-def _dvc_problem(args: list[str]) -> str | None:
+def _dvc_problem(args: list[str], inline: bool = False) -> str | None:
+    """A command DVC's parser takes; in prose, a command DVC has (arguments may be left out)."""
     from dvc.cli import DvcParserError, parse_args
 
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            parsed = parse_args(args)
-    except (DvcParserError, SystemExit):
-        usage = output.getvalue().strip().splitlines()
-        return "dvc cannot parse it: " + (usage[-1] if usage else "")
-    assignments = getattr(parsed, "set_param", None) or []
+            parsed = parse_args([*args, "--help"] if inline else args)
+    except SystemExit as stop:  # --help exits 0 once it has found the command
+        parsed = None
+        if not inline or stop.code not in (0, None):
+            return "dvc cannot parse it: " + output.getvalue().strip().rsplit("\n", 1)[-1]
+    except DvcParserError:
+        return "dvc cannot parse it: " + output.getvalue().strip().rsplit("\n", 1)[-1]
+    assignments = [
+        value
+        for option, value in zip(args, args[1:], strict=False)
+        if option in ("-S", "--set-param")
+    ]
+    if parsed is not None:
+        assignments = getattr(parsed, "set_param", None) or []
     return _set_params_problem(assignments) if assignments else None
 
 
@@ -231,7 +245,7 @@ def command_problem(command: Command) -> str | None:
     if program in ("python", "python3"):
         return _python_problem(args)
     if program == "dvc":
-        return _dvc_problem(args)
+        return _dvc_problem(args, command.inline)
     if program == "pip":
         return _pip_problem(args)
     if program == "prefect":
@@ -291,6 +305,16 @@ def test_a_command_that_does_not_exist_is_reported(line: str, complaint: str):
     problems = [command_problem(command) for command in commands]
     assert problems[0] is None  # make run
     assert complaint in (problems[-1] or ""), problems
+
+
+def test_a_dvc_command_named_in_prose_may_leave_out_its_arguments():
+    page = "Run `dvc artifacts get` again, or `dvc exp run -S head.lrate=1`, never `dvc fetchall`."
+    problems = [command_problem(command) for command in commands_in(page, "fake.md")]
+    assert problems[0] is None
+    assert "unknown key 'head.lrate'" in problems[1]
+    assert "dvc cannot parse it" in problems[2]
+    block = "```bash\ndvc artifacts get\n```\n"  # in a code block it must run as written
+    assert "dvc cannot parse it" in command_problem(commands_in(block, "fake.md")[0])
 
 
 def test_inline_commands_and_continuation_lines_are_read():
