@@ -388,10 +388,18 @@ def test_every_graft_module_named_in_the_docs_exists():
 def test_readme_is_short_and_its_links_lead_somewhere():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= README_MAX_LINES
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)]*))?\)", readme)
     assert len(links) >= 10
-    missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+    missing = [link for link, _ in links if "://" not in link and not (ROOT / link).exists()]
     assert not missing
+    anchors = [(link, anchor) for link, anchor in links if anchor and link.endswith(".md")]
+    assert anchors
+    for link, anchor in anchors:  # the heading's id as MkDocs' toc makes it
+        headings = re.findall(r"(?m)^#+ (.+)$", (ROOT / link).read_text())
+        slugs = {
+            re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings
+        }
+        assert anchor in slugs, (link, anchor, sorted(slugs))
 
 
 def test_readme_keeps_the_two_commands_and_installs_from_the_clone():
