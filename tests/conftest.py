@@ -22,7 +22,8 @@ TINY_PARAMS = {
     "features": {"batch_size": 16},
     "head": {"epochs": 60, "patience": 15},
     "finetune": {"epochs": 2, "batch_size": 8},
-    "evaluate": {"min_accuracy": 0.0},
+    # a random-weight backbone on ~30 test images is not clearly above chance: not gated here
+    "evaluate": {"above_chance": False},
 }
 
 

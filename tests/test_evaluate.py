@@ -9,11 +9,13 @@ import pytest
 
 from graft.config import EvaluateParams
 from graft.evaluate import (
+    above_chance,
     bless,
     bootstrap_accuracy_interval,
     change_checks,
     classification_metrics,
     expected_calibration_error,
+    not_worse_than_reference,
     select_candidate,
     wilson_interval,
 )
@@ -81,6 +83,54 @@ def test_the_gate_passes_only_at_or_above_every_threshold():
     assert not refused.passed
     assert refused.reasons == ["accuracy 0.8900 is below the minimum 0.9000"]
     assert not math.isnan(refused.checks[0].value)
+
+
+def _predictions_with(right: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Predictions that are right exactly where ``right`` is (wrong: the next class)."""
+    return np.where(right, y, (y + 1) % 10)
+
+
+def test_a_candidate_worse_than_the_probe_beyond_noise_is_refused():
+    y = np.arange(500) % 10
+    probe = _predictions_with(np.arange(500) >= 40, y)  # 460 right
+    # 20 images the candidate gets right and the probe misses, 40 the other way round:
+    # 0.88 against 0.92; 20 or fewer heads in 60 fair coin flips: p = 0.007
+    right = (np.arange(500) >= 40) & (np.arange(500) < 460) | (np.arange(500) < 20)
+    candidate = _predictions_with(right, y)
+    check, reason = not_worse_than_reference(y, candidate, probe, 0.05)
+    assert not check.passed and check.value == 0.88 and check.threshold == 0.92
+    assert "20 images right that the probe misses and misses 40" in reason and "McNemar" in reason
+    blessing = bless(
+        "finetuned", "m", {"accuracy": 0.88, "macro_f1": 0.88}, EvaluateParams(), [(check, reason)]
+    )
+    assert not blessing.passed and blessing.reasons == [reason]
+
+
+def test_a_candidate_a_little_below_the_probe_is_within_noise():
+    y = np.arange(500) % 10
+    probe = _predictions_with(np.arange(500) >= 40, y)
+    right = (np.arange(500) >= 40) & (np.arange(500) < 455) | (np.arange(500) < 35)  # 30 vs 45
+    check, reason = not_worse_than_reference(y, _predictions_with(right, y), probe, 0.05)
+    assert check.passed and reason is None and check.value < check.threshold
+    same, none = not_worse_than_reference(y, probe, probe, 0.05)
+    assert same.passed and none is None
+
+
+def test_a_candidate_at_chance_is_refused_and_one_clearly_above_passes():
+    y = np.array([0] * 30 + [1] * 10 + [2] * 10)  # always "0" scores 0.6
+    at_chance = np.zeros(50, dtype=int)
+    check, reason = above_chance(y, at_chance, 0.05)
+    assert not check.passed and check.threshold == 0.6 and "not clearly above chance" in reason
+    better = y.copy()
+    better[:5] = 1  # 45 of 50: p(>= 45 | 0.6) is tiny
+    check, reason = above_chance(y, better, 0.05)
+    assert check.passed and reason is None
+
+
+def test_the_default_gate_has_no_absolute_floor():
+    params = EvaluateParams()
+    assert params.min_accuracy == 0.0 and params.vs_probe and params.above_chance
+    assert bless("head", "m", {"accuracy": 0.3, "macro_f1": 0.3}, params).passed
 
 
 def _with_recalls(accuracy, recalls):

@@ -258,7 +258,24 @@ class EvaluateParams(_Section):
     """Read by ``evaluate``: the gate a candidate must pass to be blessed."""
 
     min_accuracy: float = Field(
-        0.9, ge=0.0, le=1.0, description="the gate: lowest test accuracy a candidate may have"
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="the gate: lowest test accuracy a candidate may have (0: off; an absolute "
+        "floor is the user's choice)",
+    )
+    vs_probe: bool = Field(
+        True,
+        description="the gate: refuse a candidate worse than the cross-validated logistic probe "
+        "on the same test images beyond noise (exact McNemar test at significance)",
+    )
+    above_chance: bool = Field(
+        True,
+        description="the gate: refuse a candidate not clearly above always predicting the most "
+        "frequent test class (exact binomial test at significance)",
+    )
+    significance: float = Field(
+        0.05, gt=0.0, lt=1.0, description="the level of the two tests above (one-sided)"
     )
     min_macro_f1: float = Field(
         0.0, ge=0.0, le=1.0, description="the gate: lowest test macro-F1 a candidate may have"

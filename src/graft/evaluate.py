@@ -135,8 +135,70 @@ class Blessing:
         return asdict(self)
 
 
-def bless(candidate: str, model: str, metrics: dict[str, Any], params: EvaluateParams) -> Blessing:
-    """Apply the value thresholds; a missing or NaN metric fails closed."""
+def not_worse_than_reference(
+    y_true: np.ndarray,
+    candidate_pred: np.ndarray,
+    reference_pred: np.ndarray,
+    significance: float,
+    reference: str = "the CV probe",
+) -> tuple[GateCheck, str | None]:
+    """Is the candidate worse than ``reference`` on the same images beyond noise?
+
+    The exact McNemar test: of the images exactly one of the two gets right, the candidate
+    should win half if they were equally good; it fails when it wins so few that chance explains
+    it with probability under ``significance`` (one-sided).
+    """
+    from scipy.stats import binomtest
+
+    ours, theirs = candidate_pred == y_true, reference_pred == y_true
+    wins, losses = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
+    p_value = binomtest(wins, wins + losses, 0.5, alternative="less").pvalue if losses else 1.0
+    check = GateCheck("accuracy_vs_probe", float(ours.mean()), float(theirs.mean()), True)
+    if p_value >= significance:
+        return check, None
+    check.passed = False
+    return check, (
+        f"accuracy {ours.mean():.4f} is below {reference}'s {theirs.mean():.4f} on the same "
+        f"{len(y_true)} test images beyond noise: it gets {wins} images right that the probe "
+        f"misses and misses {losses} that the probe gets right (exact McNemar test, p = "
+        f"{p_value:.3g} < {significance}); ship the head, or fix fine-tuning"
+    )
+
+
+def above_chance(
+    y_true: np.ndarray, y_pred: np.ndarray, significance: float
+) -> tuple[GateCheck, str | None]:
+    """Is the accuracy clearly above always predicting the most frequent class?
+
+    One-sided exact binomial test of the number of correct images against that constant
+    prediction's accuracy; it passes when chance explains it with probability under
+    ``significance``.
+    """
+    from scipy.stats import binomtest
+
+    n = len(y_true)
+    chance = float(np.bincount(y_true).max() / n) if n else 1.0
+    correct = int((y_pred == y_true).sum())
+    p_value = binomtest(correct, n, chance, alternative="greater").pvalue if n else 1.0
+    check = GateCheck("accuracy_vs_chance", correct / n if n else None, chance, True)
+    if p_value < significance:
+        return check, None
+    check.passed = False
+    return check, (
+        f"accuracy {correct}/{n} is not clearly above chance ({chance:.4f}, always the most "
+        f"frequent class): p = {p_value:.3g} >= {significance} (exact binomial test)"
+    )
+
+
+def bless(
+    candidate: str,
+    model: str,
+    metrics: dict[str, Any],
+    params: EvaluateParams,
+    comparisons: list[tuple[GateCheck, str | None]] = (),
+) -> Blessing:
+    """Apply the value thresholds and the ``comparisons`` already made (against the probe, against
+    chance); a missing or NaN metric fails closed."""
     thresholds = {"accuracy": params.min_accuracy, "macro_f1": params.min_macro_f1}
     checks, reasons = [], []
     for name, threshold in thresholds.items():
@@ -148,6 +210,10 @@ def bless(candidate: str, model: str, metrics: dict[str, Any], params: EvaluateP
             reasons.append(f"{name} is missing or NaN: failing closed")
         elif not passed:
             reasons.append(f"{name} {value:.4f} is below the minimum {threshold:.4f}")
+    for check, reason in comparisons:
+        checks.append(check)
+        if reason is not None:
+            reasons.append(reason)
     return Blessing(not reasons, candidate, model, checks, reasons)
 
 

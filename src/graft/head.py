@@ -26,7 +26,7 @@ from torch import nn
 
 from graft.config import HeadParams
 from graft.errors import GraftError
-from graft.probe import fit_probe, search_c
+from graft.probe import cv_probe, fit_probe
 
 
 class HeadError(GraftError):
@@ -195,14 +195,8 @@ def train_probe_head(
                 "(or check the backbone weights)."
             )
     pool_x, pool_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    search = search_c(
-        pool_x, pool_y, params.c_grid, params.cv_folds, params.standardize, params.seed
-    )
-
-    def fit(x: np.ndarray, y: np.ndarray) -> nn.Module:
-        return fit_probe(x, y, num_classes, search.c, params.standardize, params.seed)
-
-    head, refit = fit(train_x, train_y), fit(pool_x, pool_y)
+    refit, search = cv_probe(pool_x, pool_y, num_classes, params)
+    head = fit_probe(train_x, train_y, num_classes, search.c, params.standardize, params.seed)
     x_train, y_train = torch.from_numpy(train_x), torch.from_numpy(train_y).long()
     x_val, y_val = torch.from_numpy(val_x), torch.from_numpy(val_y).long()
     with torch.no_grad():

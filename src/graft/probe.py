@@ -24,6 +24,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from graft.config import HeadParams
+
 MAX_ITER = 2000
 
 
@@ -139,3 +141,14 @@ def fit_probe(
         linear.weight.copy_(torch.from_numpy(full_weight))
         linear.bias.copy_(torch.from_numpy(full_bias))
     return linear.eval()
+
+
+def cv_probe(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, params: HeadParams
+) -> tuple[nn.Linear, ProbeSearch]:
+    """The probe ``head.*`` describes: C by cross-validation on these images, then fit on all."""
+    search = search_c(
+        features, labels, params.c_grid, params.cv_folds, params.standardize, params.seed
+    )
+    linear = fit_probe(features, labels, num_classes, search.c, params.standardize, params.seed)
+    return linear, search

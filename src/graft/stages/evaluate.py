@@ -11,12 +11,20 @@ import torch
 from graft.classifier import build_classifier, build_head, load_checkpoint
 from graft.config import load_params
 from graft.engines import make_runner
-from graft.evaluate import Blessing, bless, classification_metrics, select_candidate
+from graft.evaluate import (
+    Blessing,
+    above_chance,
+    bless,
+    classification_metrics,
+    not_worse_than_reference,
+    select_candidate,
+)
 from graft.features import forward_in_batches, load_feature_set
 from graft.files import read_json, write_json, write_text_atomic
 from graft.numeric import softmax
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
+from graft.probe import cv_probe
 from graft.report import (
     confusion_csv,
     evaluation_markdown,
@@ -62,18 +70,31 @@ def main(root: Path = Path(".")) -> Blessing:
         None if finetune_metrics["skipped"] else finetune_metrics["val_accuracy"],
     )
     model_path = paths.head_model if candidate == "head" else paths.finetuned_model
+    chosen = probabilities[candidate]
+    predicted = chosen.argmax(axis=1)
+    gate = params.evaluate
+    comparisons = []
+    probe_pred = _probe_predictions(paths, params, head_ckpt, head_logits, test)
+    if gate.vs_probe and probe_pred is not None:
+        comparisons.append(
+            not_worse_than_reference(test.labels, predicted, probe_pred, gate.significance)
+        )
+    if gate.above_chance:
+        comparisons.append(above_chance(test.labels, predicted, gate.significance))
     blessing = bless(
         candidate,
         model_path.relative_to(paths.root).as_posix(),
         results[candidate],
-        params.evaluate,
+        gate,
+        comparisons,
     )
 
     write_json(paths.blessing, blessing.to_dict())
-    write_json(paths.metrics / "eval.json", _metrics_summary(candidate, results, blessing))
+    summary = _metrics_summary(candidate, results, blessing)
+    if probe_pred is not None:
+        summary["probe_accuracy"] = float((probe_pred == test.labels).mean())
+    write_json(paths.metrics / "eval.json", summary)
     write_json(paths.evaluation_details, results)
-    chosen = probabilities[candidate]
-    predicted = chosen.argmax(axis=1)
     write_text_atomic(
         paths.plots / "confusion.csv", confusion_csv(test.paths, test.labels, predicted, labels)
     )
@@ -102,6 +123,26 @@ def main(root: Path = Path(".")) -> Blessing:
     accuracy = results[candidate]["accuracy"]
     print(f"evaluate: candidate {candidate}, test accuracy {accuracy:.4f} — {verdict}")
     return blessing
+
+
+def _probe_predictions(paths, params, head_ckpt, head_logits, test) -> np.ndarray | None:
+    """The cross-validated logistic probe's test predictions: the head's own when the head is
+    that probe, else a probe fit on the train+val features here. None in few-shot mode (its
+    head is itself chosen against a regularised probe)."""
+    if params.data.few_shot:
+        return None
+    if "probe" in head_ckpt.info:
+        return head_logits.argmax(axis=1)
+    train = load_feature_set(paths.features / "train.npz")
+    val = load_feature_set(paths.features / "val.npz")
+    probe, _ = cv_probe(
+        np.concatenate([train.features, val.features]),
+        np.concatenate([train.labels, val.labels]),
+        len(head_ckpt.spec.labels),
+        params.head,
+    )
+    with torch.inference_mode():
+        return probe(torch.from_numpy(test.features)).argmax(dim=1).numpy()
 
 
 def _metrics_summary(candidate: str, results: dict[str, Any], blessing: Blessing) -> dict[str, Any]:

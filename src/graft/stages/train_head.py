@@ -51,6 +51,7 @@ def main(root: Path = Path(".")) -> HeadResult:
         },
     )
     write_live_log(paths.root / "dvclive" / "train_head", result.history)
+    kind = "probe fit on train" if result.search else result.architecture["kind"]
     if result.search is not None:
         search = result.search
         print(
@@ -59,7 +60,7 @@ def main(root: Path = Path(".")) -> HeadResult:
             f"± {search['cv_std']:.4f}; shipped refit on train+val"
         )
     print(
-        f"head ({result.architecture['kind']}): val accuracy {result.val_accuracy:.4f} (best epoch "
+        f"head ({kind}): val accuracy {result.val_accuracy:.4f} (best epoch "
         f"{result.best_epoch} of {len(result.history)}), train accuracy "
         f"{result.train_accuracy:.4f}"
     )
