@@ -137,3 +137,44 @@ def test_check_data_names_a_relabel_an_addition_a_deletion_and_records_only_when
     assert "data/: unchanged" in graft(dvc_project.root, "check-data").stdout
     status = dvc(dvc_project.root, "status", "data.dvc").stdout
     assert "up to date" in status
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda text: text.replace("  lr: 0.01\n", "  lr: .inf\n", 1), "key 'head.lr'"),
+        (lambda text: text.replace("  lr: 0.01\n", "  lr: .nan\n", 1), "key 'head.lr'"),
+        (
+            lambda text: text.replace("  batch_size: 16\n", "  batch_size: 1600000\n", 1),
+            "key 'features.batch_size'",
+        ),
+        (
+            lambda text: text.replace("  lr: 0.01\n", "  lr: 0.01\n  lr: 0.5\n", 1),
+            "duplicate key 'lr'",
+        ),
+        (
+            lambda text: text.replace("head:", "head:\n  hidden: 1\nhead:", 1),
+            "duplicate key 'head'",
+        ),
+    ],
+    ids=["inf", "nan", "huge-batch", "duplicate-key", "duplicate-section"],
+)
+def test_a_hostile_params_file_stops_every_command_naming_the_key(tmp_path: Path, edit, said):
+    paths = make_project(tmp_path / "project", per_class=6)
+    params = paths.params.read_text()
+    edited = edit(params)
+    assert edited != params
+    paths.params.write_text(edited)
+    with data_unchanged(paths.data):
+        result = graft(paths.root, "validate")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert said in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def test_a_params_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path):
+    paths = make_project(tmp_path / "project", per_class=6)
+    paths.params.write_bytes(b"# caf\xe9 (Latin-1)\n" + paths.params.read_bytes())
+    result = graft(paths.root, "validate")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "not UTF-8" in result.stderr and "0xe9" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,8 +19,13 @@ class ParamsError(InputError, ValueError):
     """``params.yaml`` is missing, unreadable, or holds an unknown or ill-typed key."""
 
 
+# Larger batches are a typo (an extra zero or two), not a setting: they would only exhaust memory.
+MAX_BATCH_SIZE = 4096
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are valid YAML floats, and no setting of graft means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -109,7 +114,9 @@ class BackboneParams(_Section):
 class FeaturesParams(_Section):
     """Read by ``features``: how embeddings are computed, cached and distributed."""
 
-    batch_size: int = Field(64, ge=1, description="images per forward pass of the backbone")
+    batch_size: int = Field(
+        64, ge=1, le=MAX_BATCH_SIZE, description="images per forward pass of the backbone"
+    )
     engine: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: onnxruntime on CPU, torch on CUDA"
     )
@@ -207,7 +214,7 @@ class FinetuneParams(_Section):
     warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up of each phase")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
-    batch_size: int = Field(32, ge=1, description="images per training step")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="images per training step")
     bn: Literal["frozen", "adapt", "auto"] = Field(
         "frozen", description="BatchNorm statistics: frozen, adapt (unfrozen blocks), auto (val)"
     )
@@ -452,7 +459,7 @@ class TrainingParams(_Section):
     )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
-    batch_size: int = Field(32, ge=1, description="images per training step")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="images per training step")
     bn: Literal["frozen", "adapt"] = Field(
         "adapt", description="adapt: BatchNorm learns its statistics (needed from random weights)"
     )
@@ -595,11 +602,35 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except FileNotFoundError:
         raise ParamsError(
             f"{path} not found: run graft from the project root (where params.yaml lives)."
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+            " cannot be read; save the file as UTF-8."
+        ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, path)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    silently, so the first value would look set and be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen[key]}): keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
