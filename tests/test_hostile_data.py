@@ -178,3 +178,21 @@ def test_a_params_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path):
     assert result.returncode == 4, result.stdout + result.stderr
     assert "not UTF-8" in result.stderr and "0xe9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_16_bit_big_endian_tiff_is_read_like_its_little_endian_twin(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from graft.data.images import decode_image
+
+    samples = np.linspace(0, 65535, 24 * 16).astype(np.uint16).reshape(16, 24)
+    decoded = {}
+    for mode, dtype in (("I;16B", ">u2"), ("I;16", "<u2")):
+        path = tmp_path / f"{mode}.tif"
+        Image.frombytes(mode, (24, 16), samples.astype(dtype).tobytes()).save(path)
+        decoded[mode] = decode_image(path)
+    assert decoded["I;16B"].mode == "I;16B" and decoded["I;16B"].format == "TIFF"
+    big, little = (np.asarray(decoded[mode].image) for mode in ("I;16B", "I;16"))
+    assert np.array_equal(big, little)
+    assert np.array_equal(big[..., 0], (samples >> 8).astype(np.uint8))  # full range kept

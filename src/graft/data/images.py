@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -139,5 +140,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
         # 16-bit samples to 8-bit: 0..65535 onto 0..255 (values beyond 16 bits saturate).
-        return image.point(lambda value: value / 256).convert("L").convert("RGB")
+        # Through NumPy, which reads either byte order (Pillow's point() refuses I;16B).
+        samples = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(samples.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
