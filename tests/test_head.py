@@ -88,6 +88,18 @@ def test_an_mlp_head_travels_through_its_model_files(tmp_path):
         torch.testing.assert_close(rebuilt(images), model(images))
 
 
+def test_the_same_checkpoint_saved_twice_has_the_same_bytes(tmp_path):
+    """An identical re-run writes identical .pt files, so DVC re-runs nothing after them."""
+    spec = ModelSpec("test_efficientnet", "random", None, {"input_size": [3, 32, 32]}, list("ab"))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 2)
+    checkpoint = Checkpoint(spec, "head", head.state_dict(), {"val_accuracy": 0.5})
+    (tmp_path / "a").mkdir()
+    save_checkpoint(tmp_path / "a" / "head.pt", checkpoint)
+    save_checkpoint(tmp_path / "head.pt", checkpoint)  # another temporary name beside it
+    assert (tmp_path / "a" / "head.pt").read_bytes() == (tmp_path / "head.pt").read_bytes()
+
+
 def test_learning_curves_are_logged_in_a_git_repository_without_a_commit(tmp_path, monkeypatch):
     """A fresh `git init` (no commit yet) is where many users first run the pipeline."""
     import json

@@ -72,8 +72,10 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "state_dict": checkpoint.state_dict,
         "info": checkpoint.info,
     }
-    with replacing(path) as temporary:
-        torch.save(payload, temporary)
+    # Saved through a file object: torch names the archive inside after a path it is given,
+    # and a temporary name would make identical models differ in bytes.
+    with replacing(path) as temporary, open(temporary, "wb") as file:
+        torch.save(payload, file)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -549,8 +549,10 @@ def _save_resumable(path, identity, model, state, names, optimizer, scheduler) -
         "scheduler": scheduler.state_dict(),
         "random": _random_state(),
     }
-    with replacing(path) as temporary:
-        torch.save(payload, temporary)
+    # Saved through a file object: torch names the archive inside after a path it is given,
+    # and a temporary name would make identical models differ in bytes.
+    with replacing(path) as temporary, open(temporary, "wb") as file:
+        torch.save(payload, file)
 
 
 def _load_resumable(path: Path | None, identity: str) -> dict[str, Any] | None:
