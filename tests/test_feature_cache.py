@@ -187,6 +187,27 @@ def test_a_corrupt_shard_is_reported_and_recomputed(digits, tmp_path, decodes, d
         assert len(archive["sha256"]) == SHARD
 
 
+def test_an_altered_engine_file_is_reported_and_exported_again(digits, tmp_path, decodes):
+    """An engine that still loads but computes something else would poison every new shard."""
+    import onnx
+    from onnx import numpy_helper
+
+    rows, data = digits
+    new = rows.sample(3, random_state=1).index
+    cold = embed(rows.drop(index=new), data, TINY, PARAMS, tmp_path / "cache")
+    engine = FeatureCache(tmp_path / "cache", cold.key).onnx_path
+    model = onnx.load(str(engine))
+    weights = max(model.graph.initializer, key=lambda tensor: np.prod(tensor.dims))
+    altered = numpy_helper.to_array(weights) * 2.0
+    weights.CopyFrom(numpy_helper.from_array(altered, weights.name))
+    onnx.save(model, str(engine))
+
+    with pytest.warns(CorruptShardWarning, match="backbone.onnx"):
+        grown = embed(rows, data, TINY, PARAMS, tmp_path / "cache")
+    fresh = embed(rows, data, TINY, PARAMS, tmp_path / "fresh")
+    assert_same_features(grown.feature_sets, fresh.feature_sets, atol=1e-5)
+
+
 def test_another_precision_or_preprocessing_is_another_key(digits, tmp_path):
     rows, data = digits
     fp32 = embed(rows, data, TINY, PARAMS, tmp_path / "cache")

@@ -200,26 +200,36 @@ def engine_spec(
                 "features.precision: int8 runs on onnxruntime; set features.engine to "
                 "onnxruntime or auto (or precision to fp32 for the torch engine)."
             )
-        _ensure_int8_onnx(backbone, cache, calibration)
-        return EngineSpec(engine="onnxruntime", onnx=cache.onnx_path.read_bytes(), **common)
+        return EngineSpec(
+            engine="onnxruntime", onnx=_int8_engine(backbone, cache, calibration), **common
+        )
     if engine == "onnxruntime":
-        if not cache.onnx_path.is_file():
-            export_engine(backbone.model, input_size, cache.onnx_path)
-        return EngineSpec(engine="onnxruntime", onnx=cache.onnx_path.read_bytes(), **common)
+        return EngineSpec(engine="onnxruntime", onnx=_fp32_engine(backbone, cache), **common)
     source = (backbone.name, backbone.weights, backbone.weights_sha256)
     return EngineSpec(engine="torch", backbone=source, **common)
 
 
-def _ensure_int8_onnx(
+def _fp32_engine(backbone: Backbone, cache: FeatureCache) -> bytes:
+    """The cached fp32 engine, exported (again) unless an intact one is there."""
+    engine = cache.verified_engine()
+    if engine is None:
+        export_engine(backbone.model, tuple(backbone.data_config["input_size"]), cache.onnx_path)
+        engine = cache.record_engine()
+    return engine
+
+
+def _int8_engine(
     backbone: Backbone, cache: FeatureCache, calibration: Callable[[], Iterator[np.ndarray]]
-) -> None:
-    if cache.onnx_path.is_file():
-        return
+) -> bytes:
+    """The cached INT8 engine, quantized (again) from the fp32 one unless an intact one is there."""
+    engine = cache.verified_engine()
+    if engine is not None:
+        return engine
     fp32 = FeatureCache(cache.root, cache.key.with_precision("fp32"))
-    if not fp32.onnx_path.is_file():
-        export_engine(backbone.model, tuple(backbone.data_config["input_size"]), fp32.onnx_path)
+    _fp32_engine(backbone, fp32)
     print(f"features: quantizing {backbone.name} to INT8, calibrated on training images")
     quantize_static_qdq(fp32.onnx_path, cache.onnx_path, calibration())
+    return cache.record_engine()
 
 
 _RUNNERS: dict[str, Runner] = {}

@@ -2,8 +2,9 @@
 
 An embedding is identified by (backbone, weights sha256, preprocessing config, precision) and
 the image's sha256. The first four make the *key*: one folder per key under the cache root,
-holding the key in readable form (``key.json``), the exported engine (``backbone.onnx``) and
-the embeddings in *shards*, ``shards/<digest>.npz``, each a batch of images computed together.
+holding the key in readable form (``key.json``), the exported engine (``backbone.onnx``, with
+its sha256 in ``backbone.onnx.sha256``, checked before each use) and the embeddings in
+*shards*, ``shards/<digest>.npz``, each a batch of images computed together.
 
 A shard holds ``sha256`` (N image hashes), ``features`` (N x D float32) and ``checksum`` (sha256
 of both), is written to a temporary name and renamed, and is verified when read: one that does
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from graft.files import replacing, write_json
+from graft.files import replacing, write_json, write_text_atomic
 
 Precision = Literal["fp32", "int8"]
 CACHE_FORMAT = "graft.feature_cache/1"
@@ -85,6 +86,40 @@ class FeatureCache:
     def onnx_path(self) -> Path:
         """Where this key's engine, exported (and for int8 quantized) once, is kept."""
         return self.folder / "backbone.onnx"
+
+    @property
+    def _engine_checksum_path(self) -> Path:
+        return self.folder / "backbone.onnx.sha256"
+
+    def verified_engine(self) -> bytes | None:
+        """The engine file's bytes if it is there and matches the sha256 recorded when it was
+        written; a file that differs (or has no record) is reported with a
+        :class:`CorruptShardWarning`, removed, and None returned: export it again."""
+        if not self.onnx_path.is_file():
+            return None
+        engine = self.onnx_path.read_bytes()
+        recorded = (
+            self._engine_checksum_path.read_text().strip()
+            if self._engine_checksum_path.is_file()
+            else None
+        )
+        if recorded != hashlib.sha256(engine).hexdigest():
+            warnings.warn(
+                f"Feature cache engine {self.onnx_path} does not match its recorded sha256 "
+                f"({self._engine_checksum_path}); removed, it is exported again.",
+                CorruptShardWarning,
+                stacklevel=2,
+            )
+            self.onnx_path.unlink(missing_ok=True)
+            self._engine_checksum_path.unlink(missing_ok=True)
+            return None
+        return engine
+
+    def record_engine(self) -> bytes:
+        """Record the sha256 of the engine file just written there; its bytes."""
+        engine = self.onnx_path.read_bytes()
+        write_text_atomic(self._engine_checksum_path, hashlib.sha256(engine).hexdigest() + "\n")
+        return engine
 
     def describe(self) -> None:
         """Write ``key.json`` (what this folder holds) once; it is never read back."""

@@ -124,8 +124,9 @@ def score_candidate(
     probes = probe_accuracies(train, val, params.select.knn_k, params.select.logreg_c)
     best_probe = max(probes, key=probes.get)
     timed = [data_dir / path for path in train.paths[: params.select.timing_images]]
-    onnx_path = FeatureCache(cache_dir, embedding_key(backbone)).onnx_path
-    ms = time_per_image(backbone, timed, params.features.engine, onnx_path)
+    cache = FeatureCache(cache_dir, embedding_key(backbone))
+    cache.verified_engine()  # a corrupt engine file is removed (and exported again), not loaded
+    ms = time_per_image(backbone, timed, params.features.engine, cache.onnx_path)
     state = backbone.model.state_dict().values()
     return CandidateScore(
         name=candidate.name,
