@@ -9,14 +9,14 @@ from typer.testing import CliRunner
 
 from graft.cli import app
 from graft.features import FeatureSet
-from graft.kshot import (
+from graft.stages import validate
+from graft.studies.kshot import (
     kshot_curve,
     kshot_markdown,
     kshot_report,
     probe_c_on_val,
     sample_k_per_class,
 )
-from graft.stages import validate
 from tests.conftest import make_project
 
 

@@ -20,8 +20,8 @@ from graft.cli import app
 from graft.config import load_params
 from graft.files import read_json
 from graft.preprocessing import eval_transform, load_tensor_batch
-from graft.pretrain import PretrainError
 from graft.stages import pretrain as pretrain_stage
+from graft.studies.pretrain import PretrainError
 from tests import test_flow as flow_tests
 from tests.conftest import REPO_ROOT, make_project, write_params
 

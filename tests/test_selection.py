@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from graft.cli import app
 from graft.config import load_params
-from graft.selection import SelectionError, apply_backbone, run_selection
-from graft.stages import validate
+from graft.params_editor import ParamsEditError, apply_backbone
+from graft.stages import select_backbone, validate
 from tests.conftest import REPO_ROOT, make_project
 
 runner = CliRunner()
@@ -60,7 +60,7 @@ def test_apply_adds_a_missing_key_and_refuses_a_layout_it_cannot_edit(tmp_path: 
     )
     flow = "backbone: {name: test_efficientnet, weights: random}\n"
     params.write_text(flow)
-    with pytest.raises(SelectionError, match="by hand"):
+    with pytest.raises(ParamsEditError, match="by hand"):
         apply_backbone(params, CHANGE)
     assert params.read_text() == flow
 
@@ -137,7 +137,7 @@ def test_the_imagenet_weights_rank_above_random_weights_on_the_sample(tmp_path: 
         overrides={"data": repository_data, "select": {"candidates": candidates}},
     )
     validate.main(paths.root)
-    report, applied = run_selection(paths.root, load_params(paths.params), apply=False)
+    report, applied = select_backbone.main(paths.root, apply=False)
     first, second = report["ranking"]
     assert (first["weights"], second["weights"]) == ("packaged", "random")
     assert (first["train_images"], first["val_images"]) == (1242, 277)

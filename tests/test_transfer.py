@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from graft.cli import app
 from graft.files import read_json
 from graft.stages import validate
-from graft.transfer import ArmRun, Spread, TransferComparison
+from graft.studies.transfer import ArmRun, Spread, TransferComparison
 from tests.conftest import REPO_ROOT, make_project
 
 TINY = {
@@ -117,12 +117,12 @@ def test_each_seed_draws_its_own_share_of_train_and_its_own_scratch_initialisati
     import numpy as np
 
     from graft.backbones import create_backbone
-    from graft.pretrain import LabelledImages
-    from graft.stages.transfer import _initialise
+    from graft.studies.pretrain import LabelledImages
+    from graft.studies.transfer import initialise_randomly
 
     def trunk(seed: int) -> dict:
         backbone = create_backbone("test_efficientnet", "random", num_classes=0)
-        _initialise(backbone, "test_efficientnet", seed)
+        initialise_randomly(backbone, "test_efficientnet", seed)
         return backbone.model.state_dict()
 
     first, again, other = trunk(1), trunk(1), trunk(2)

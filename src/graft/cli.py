@@ -203,13 +203,11 @@ def select_backbone(
     ),
 ) -> None:
     """Rank the select.candidates backbones by quick probes on val against time per image."""
-    from graft.config import load_params
-    from graft.paths import ProjectPaths
-    from graft.selection import BACKBONE_KEYS, run_selection
+    from graft.stages import select_backbone as stage
+    from graft.studies.selection import BACKBONE_KEYS
 
     with _reported("select-backbone"):
-        params = load_params(ProjectPaths(root).params)
-        report, applied = run_selection(root, params, apply)
+        report, applied = stage.main(root, apply)
     for row in report["ranking"]:
         typer.echo(
             f"{row['rank']}. {row['name']} ({row['weights']}): val accuracy "
@@ -240,12 +238,10 @@ def select_backbone(
 @app.command()
 def kshot(root: Path = ROOT) -> None:
     """Test accuracy with k train images per class (kshot.k), over kshot.seeds draws."""
-    from graft.config import load_params
-    from graft.kshot import run_kshot
-    from graft.paths import ProjectPaths
+    from graft.stages import kshot as stage
 
     with _reported("kshot"):
-        report = run_kshot(root, load_params(ProjectPaths(root).params))
+        report = stage.main(root)
     for point in report["curve"]:
         cells = ", ".join(
             f"{head} {point[head]['mean']:.4f} ± {point[head]['std']:.4f}"

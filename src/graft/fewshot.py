@@ -28,7 +28,7 @@ from sklearn.model_selection import KFold, LeaveOneOut
 from threadpoolctl import threadpool_limits
 
 from graft.config import FewShotParams, Params
-from graft.data.manifest import read_manifest
+from graft.data.manifest import read_manifest, usable_rows
 from graft.head import HeadResult, l2_linear_head
 
 HEAD_KIND = "l2_linear"
@@ -216,7 +216,7 @@ def finetune_skip_reason(manifest: pd.DataFrame | Path, params: Params) -> str |
         return None
     if isinstance(manifest, Path):
         manifest = read_manifest(manifest)
-    usable = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
+    usable = usable_rows(manifest, "train")
     smallest = int(usable["label"].value_counts().min()) if len(usable) else 0
     needed = params.fewshot.finetune_min_images_per_class
     if smallest >= needed:

@@ -85,12 +85,12 @@ def production_dir(paths: ProjectPaths, params: Params) -> Path:
 
 def test_images(paths: ProjectPaths) -> tuple[list[Path], list[str]]:
     """The test split's usable images and their labels, from the validated manifest."""
-    from graft.data.manifest import read_manifest
+    from graft.data.manifest import read_manifest, usable_rows
 
     if not paths.manifest.is_file():
         raise MissingInputError(paths.manifest, "run `dvc repro` first.")
     manifest = read_manifest(paths.manifest)
-    test = manifest[(manifest["split"] == "test") & (manifest["status"] == "ok")]
+    test = usable_rows(manifest, "test")
     return [paths.data / p for p in test["path"]], [str(label) for label in test["label"]]
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from graft.evaluate import Blessing
-from graft.files import read_json, replacing
+from graft.files import read_json
 from graft.paths import ProjectPaths
+from graft.plotting import pyplot, save_figure
 
 
 def confusion_csv(
@@ -27,38 +28,21 @@ def confusion_csv(
     return buffer.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(figure, dest: Path) -> None:
-    """Write a figure through a temporary file; no software tag, so reruns give the same bytes."""
-    figure.tight_layout()
-    with replacing(dest) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
-    _pyplot().close(figure)
-
-
 def save_confusion_plot(matrix: list[list[int]], labels: list[str], dest: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = max(4.0, 0.5 * len(labels) + 2)
-    figure, axes = _pyplot().subplots(figsize=(size, size))
+    figure, axes = pyplot().subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.array(matrix), display_labels=labels).plot(
         ax=axes, colorbar=False, cmap="Blues"
     )
     axes.set_title("Test confusion matrix (candidate)")
-    _save_figure(figure, dest)
+    save_figure(figure, dest)
 
 
 def save_reliability_plot(reliability: list[dict[str, float]], ece: float, dest: Path) -> None:
     """Accuracy against confidence per bin; the diagonal is perfect calibration."""
-    figure, axes = _pyplot().subplots(figsize=(4.5, 4.5))
+    figure, axes = pyplot().subplots(figsize=(4.5, 4.5))
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
     confidence = [row["confidence"] for row in reliability]
     accuracy = [row["accuracy"] for row in reliability]
@@ -71,7 +55,7 @@ def save_reliability_plot(reliability: list[dict[str, float]], ece: float, dest:
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence", ylabel="accuracy")
     axes.set_title(f"Reliability (ECE {ece:.3f})")
     axes.legend(loc="upper left")
-    _save_figure(figure, dest)
+    save_figure(figure, dest)
 
 
 def save_misclassified_gallery(
@@ -83,7 +67,7 @@ def save_misclassified_gallery(
     shown = list(zip(image_paths, captions, strict=True))[:limit]
     columns = 6
     rows = max(1, -(-len(shown) // columns))
-    figure, axes = _pyplot().subplots(rows, columns, figsize=(2 * columns, 2.2 * rows))
+    figure, axes = pyplot().subplots(rows, columns, figsize=(2 * columns, 2.2 * rows))
     for axis in np.atleast_1d(axes).ravel():
         axis.axis("off")
     for axis, (path, caption) in zip(np.atleast_1d(axes).ravel(), shown, strict=False):
@@ -91,7 +75,7 @@ def save_misclassified_gallery(
         axis.set_title(caption, fontsize=9)
     if not shown:
         figure.suptitle("No misclassified test images")
-    _save_figure(figure, dest)
+    save_figure(figure, dest)
 
 
 SMALL_TEST_SET = 100  # below this many test images the report warns about the interval

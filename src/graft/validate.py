@@ -21,7 +21,7 @@ from graft.config import DataParams
 from graft.data.drift import compare_profiles, profile_manifest
 from graft.data.expectations import run_manifest_expectations
 from graft.data.layout import Layout, LayoutError, discover_images
-from graft.data.manifest import DUPLICATE, build_manifest
+from graft.data.manifest import DUPLICATE, build_manifest, is_usable, usable_rows
 from graft.data.splits import SPLITS
 from graft.errors import InputError
 
@@ -99,8 +99,8 @@ def summarise(
     expectations: dict[str, Any],
 ) -> dict[str, Any]:
     """Counts per class and split, every quarantined file, ignored files and the layout."""
-    ok = manifest[manifest["status"] == "ok"]
-    quarantined = manifest[manifest["status"] != "ok"]
+    ok = usable_rows(manifest)
+    quarantined = manifest[~is_usable(manifest)]
     ignored_reasons = Counter(file.why for file in layout.ignored)
     return {
         "data_dir": data_dir.as_posix(),
@@ -147,7 +147,7 @@ def _where_val_comes_from(layout: Layout) -> str:
 
 def class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> dict[str, dict[str, int]]:
     """Per class: usable (``ok``) and ``quarantined`` files, and usable files per split."""
-    ok = manifest["status"] == "ok"
+    ok = is_usable(manifest)
     usable = manifest[ok].groupby("label")["split"].value_counts()
     quarantined = manifest[~ok]["label"].value_counts()
     counts = {}
@@ -186,7 +186,7 @@ def _refuse_too_few_classes(data_dir: Path, layout: Layout) -> None:
 def _refuse_empty_splits(
     data_dir: Path, layout: Layout, manifest: pd.DataFrame, params: DataParams
 ) -> None:
-    ok = manifest[manifest["status"] == "ok"]
+    ok = usable_rows(manifest)
     # Few-shot: a class of 1-2 images may have none to spare for val; the head is then chosen
     # by leave-one-out (graft.fewshot), so only train and test must have images.
     val_expected = not params.few_shot and (

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy.spatial.distance import jensenshannon
 
 from graft.config import DataParams
+from graft.data.manifest import usable_rows
 
 PROFILE_VERSION = 1
 # Half-octave bins from 1 to 2^17 pixels: a resize by a factor of 1.4 or more changes bin.
@@ -30,7 +31,7 @@ _BIN_EDGES = {
 
 def profile_manifest(manifest: pd.DataFrame) -> dict[str, Any]:
     """The profile of the usable (``ok``) rows of a manifest; JSON-serialisable."""
-    ok = manifest[manifest["status"] == "ok"]
+    ok = usable_rows(manifest)
     labels = ok["label"].value_counts()
     return {
         "version": PROFILE_VERSION,

@@ -14,7 +14,7 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +55,24 @@ _MAX_DECODE_THREADS = 8
 
 class ManifestError(InputError, ValueError):
     """A manifest file that is missing columns graft needs."""
+
+
+def is_usable(manifest: pd.DataFrame) -> pd.Series:
+    """Which rows every later stage uses: decoded and validated (status ``ok``)."""
+    return manifest["status"] == "ok"
+
+
+def usable_rows(manifest: pd.DataFrame, splits: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """The usable rows, of ``splits`` only when given (a split name or several)."""
+    keep = is_usable(manifest)
+    if splits is not None:
+        keep &= manifest["split"].isin([splits] if isinstance(splits, str) else list(splits))
+    return manifest[keep]
+
+
+def usable_labels(manifest: pd.DataFrame) -> list[str]:
+    """The classes with a usable image, sorted: the label order of every model."""
+    return sorted(usable_rows(manifest)["label"].unique())
 
 
 def build_manifest(
@@ -179,7 +197,7 @@ def give_every_class_a_train_image(
     keep the plain hash split, so adding images still moves nothing unless it is what gives a
     class its first train image.
     """
-    ok = manifest[manifest["status"] == "ok"]
+    ok = usable_rows(manifest)
     has_train = set(ok.loc[ok["split"] == "train", "label"])
     for label, rows in ok.groupby("label", sort=True):
         if label in has_train:
@@ -193,7 +211,7 @@ def give_every_class_a_train_image(
 
 
 def _quarantine_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
-    ok = manifest["status"] == "ok"
+    ok = is_usable(manifest)
     repeated = manifest[ok].duplicated(subset=["sha256", "split", "label"], keep="first")
     later_copies = repeated[repeated].index
     manifest.loc[later_copies, "status"] = "quarantined"

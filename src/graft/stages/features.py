@@ -13,7 +13,7 @@ from pathlib import Path
 
 from graft.classifier import ModelSpec, write_spec
 from graft.config import Params, load_params
-from graft.data.manifest import read_manifest
+from graft.data.manifest import read_manifest, usable_rows
 from graft.data.splits import SPLITS
 from graft.embedding import Embedding, embed, int8_gate
 from graft.features import save_feature_set
@@ -25,7 +25,7 @@ def main(root: Path = Path(".")) -> ModelSpec:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
     manifest = read_manifest(paths.manifest)
-    usable = manifest[manifest["status"] == "ok"]
+    usable = usable_rows(manifest)
     embedding, metrics = embed_for_training(usable, paths, params)
     for split in SPLITS:
         save_feature_set(embedding.feature_sets[split], paths.features / f"{split}.npz")

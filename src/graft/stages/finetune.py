@@ -23,7 +23,7 @@ from graft.classifier import (
     save_checkpoint,
 )
 from graft.config import load_params
-from graft.data.manifest import read_manifest
+from graft.data.manifest import read_manifest, usable_rows
 from graft.fewshot import finetune_skip_reason
 from graft.files import file_sha256, write_json, write_text_atomic
 from graft.finetune import (
@@ -60,7 +60,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
         if init is not None:
             model.get_classifier().load_state_dict(init)
         manifest = read_manifest(paths.manifest)
-        usable = manifest[manifest["status"] == "ok"]
+        usable = usable_rows(manifest)
         index_of = {label: i for i, label in enumerate(spec.labels)}
 
         def split_of(name: str) -> tuple[list[Path], np.ndarray]:

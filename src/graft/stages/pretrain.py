@@ -14,7 +14,7 @@ from graft.config import load_params
 from graft.data.manifest import write_manifest
 from graft.files import write_json
 from graft.paths import ProjectPaths
-from graft.pretrain import TrainingRun, pretrain, save_source_model, task_data
+from graft.studies.pretrain import TrainingRun, pretrain, save_source_model, task_data
 from graft.validate import validate
 
 SOURCE_ARTIFACTS = Path("artifacts") / "source"

@@ -1,10 +1,10 @@
 """What transfer bought: a transferred backbone beside the same architecture from random weights.
 
-Both arms get the same procedure and budget (:func:`graft.pretrain.train_classifier`: a linear
-probe, then every block trained for ``transfer.training.epochs``) on the same target images with
-the same preprocessing, once per seed (``transfer.seeds``: the training seed, the draw of each
-share of the training split and the scratch arm's initialisation all vary with it). The
-comparison reports the three benefits of transfer, each as mean ± std (and min–max) over seeds:
+Both arms get the same procedure and budget (:func:`graft.studies.pretrain.train_classifier`:
+a linear probe, then every block trained for ``transfer.training.epochs``) on the same target
+images with the same preprocessing, once per seed (``transfer.seeds``: the training seed, the
+draw of each share of the training split and the scratch arm's initialisation all vary with it).
+The comparison reports the three benefits of transfer, each as mean ± std (and min–max) over seeds:
 
 - initial skill: the probe's val accuracy (before any fine-tuning) and the val accuracy after the
   first epoch;
@@ -29,12 +29,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import timm
+import torch
+
 from graft.backbones import Backbone
 from graft.config import TransferParams
 from graft.engines import Engine
-from graft.pretrain import TaskData, TrainingRun, train_classifier
+from graft.errors import InputError
+from graft.studies.pretrain import TaskData, TrainingRun, train_classifier
 
 ARMS = ("transferred", "scratch")
+
+
+class TransferError(InputError):
+    """The transfer report cannot run as configured."""
+
 
 # Each figure: the benefit it measures, and whether higher is better.
 FIGURES: dict[str, tuple[str, bool]] = {
@@ -539,3 +548,15 @@ def render_report(comparison: TransferComparison, context: dict[str, Any]) -> st
             f"`{context.get('weights_sha256')}`."
         )
     return "\n".join(lines) + "\n"
+
+
+def initialise_randomly(backbone: Backbone, architecture: str, seed: int) -> None:
+    """Re-draw the random weights of ``backbone`` from ``seed`` (timm's own initialisation).
+
+    ``create_backbone(..., "random")`` always draws with seed 0; the scratch arm's initialisation
+    is part of its seed-to-seed spread, so each seed gets its own.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = timm.create_model(architecture, pretrained=False, num_classes=0)
+    backbone.model.load_state_dict(fresh.state_dict())

@@ -18,15 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from graft.config import Params
-from graft.data.manifest import read_manifest
-from graft.embedding import embed
 from graft.errors import InputError
 from graft.evaluate import bootstrap_accuracy_interval
 from graft.features import FeatureSet
 from graft.fewshot import LinearWeights, fit_probe, fit_prototypes
-from graft.files import write_json, write_text_atomic
-from graft.paths import ProjectPaths
+from graft.plotting import pyplot, save_figure
 
 HEADS = ("prototype", "probe")
 
@@ -243,9 +239,7 @@ def _probe_c_markdown(report: dict[str, Any]) -> list[str]:
 
 
 def save_kshot_plot(report: dict[str, Any], dest: Path) -> None:
-    from graft.report import _pyplot, _save_figure
-
-    figure, axes = _pyplot().subplots(figsize=(6, 4))
+    figure, axes = pyplot().subplots(figsize=(6, 4))
     ks = [point["k"] for point in report["curve"]]
     titles = {
         "prototype": "prototypes (cosine)",
@@ -269,51 +263,4 @@ def save_kshot_plot(report: dict[str, Any], dest: Path) -> None:
     )
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
-    _save_figure(figure, dest)
-
-
-def write_kshot(report: dict[str, Any], reports_dir: Path, plots_dir: Path) -> None:
-    write_json(reports_dir / "kshot.json", report)
-    write_text_atomic(reports_dir / "kshot.md", kshot_markdown(report))
-    save_kshot_plot(report, plots_dir / "kshot.png")
-
-
-def run_kshot(root: Path, params: Params) -> dict[str, Any]:
-    """``graft kshot``: embed train and test through the cache, draw the curve, write it.
-
-    Raises:
-        KShotError: if train or test has no usable images.
-    """
-    paths = ProjectPaths(root)
-    manifest = read_manifest(paths.manifest)
-    usable = manifest[manifest["status"] == "ok"]
-    for split in ("train", "test"):
-        if not (usable["split"] == split).any():
-            raise KShotError(
-                f"no usable {split} images in {paths.manifest}: add images or rerun "
-                "`graft validate` with other data.val_fraction / data.test_fraction."
-            )
-    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique())
-    embedding = embed(
-        usable,
-        paths.data,
-        params.backbone,
-        params.features,
-        paths.root / params.features.cache_dir,
-        labels=labels,
-        precision="fp32",
-    )
-    sets = embedding.feature_sets
-    train, val, test = sets["train"], sets["val"], sets["test"]
-    kshot, probe_c = params.kshot, params.fewshot.probe_c
-    curve = kshot_curve(train, test, len(labels), kshot.k, kshot.seeds, probe_c)
-    probe_c_val = (
-        probe_c_on_val(train, val, len(labels), kshot.k, kshot.seeds, kshot.probe_c_grid)
-        if len(val)
-        else None
-    )
-    report = kshot_report(
-        curve, test, params.backbone.model_dump(), kshot.seeds, probe_c, probe_c_val
-    )
-    write_kshot(report, paths.root / "reports", paths.plots)
-    return report
+    save_figure(figure, dest)

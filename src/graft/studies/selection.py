@@ -6,22 +6,22 @@ logistic-regression probe and a k-NN probe are fit on train and scored on val (t
 looked at), and the backbone's cost is measured: forward time per image on the configured
 engine, parameter count and size. The ranking orders by val accuracy (the better probe), then
 by time per image. Choosing stays an explicit decision: :func:`backbone_change` says what to
-change in ``params.yaml``, and :func:`apply_backbone` edits exactly those lines.
+change in ``params.yaml``, and :func:`graft.params_editor.apply_backbone` edits exactly those
+lines.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -29,15 +29,14 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from graft.backbones import Backbone, create_backbone
-from graft.config import BackboneCandidate, BackboneParams, Params, ParamsError, parse_params
-from graft.data.manifest import read_manifest
+from graft.config import BackboneCandidate, BackboneParams, Params
+from graft.data.manifest import usable_labels, usable_rows
 from graft.embedding import embed, embedding_key
 from graft.engines import make_runner
 from graft.errors import InputError
 from graft.feature_cache import FeatureCache
 from graft.features import FeatureSet
-from graft.files import write_json, write_text_atomic
-from graft.paths import ProjectPaths
+from graft.plotting import pyplot, save_figure
 from graft.preprocessing import eval_transform, load_tensor_batch
 
 BACKBONE_KEYS = ("name", "weights", "sha256")
@@ -147,25 +146,32 @@ def score_candidate(
 
 
 def rank_backbones(
-    manifest: pd.DataFrame, data_dir: Path, params: Params, cache_dir: Path
+    manifest: pd.DataFrame,
+    data_dir: Path,
+    params: Params,
+    cache_dir: Path,
+    on_candidate: Callable[[BackboneCandidate], None] | None = None,
 ) -> list[CandidateScore]:
     """Score every candidate on the usable train and val images; best first.
+
+    ``on_candidate`` is told of each candidate before it is scored (progress).
 
     Raises:
         SelectionError: if train or val has no usable images.
         WeightsError: if a candidate's weights cannot be had as asked.
     """
-    usable = manifest[(manifest["status"] == "ok") & manifest["split"].isin(["train", "val"])]
+    usable = usable_rows(manifest, ["train", "val"])
     for split in ("train", "val"):
         if not (usable["split"] == split).any():
             raise SelectionError(
                 f"no usable {split} images in the manifest: the probes are fit on train and "
                 "scored on val. Raise data.val_fraction (or add images) and rerun `graft validate`."
             )
-    labels = sorted(manifest.loc[manifest["status"] == "ok", "label"].unique())
+    labels = usable_labels(manifest)
     scores = []
     for candidate in params.select.candidates:
-        print(f"select-backbone: {candidate.name} ({candidate.weights})")
+        if on_candidate:
+            on_candidate(candidate)
         scores.append(score_candidate(candidate, usable, data_dir, params, cache_dir, labels))
         gc.collect()  # one candidate's model at a time
     scores.sort(key=lambda score: (-score.val_accuracy, score.ms_per_image))
@@ -188,94 +194,6 @@ def is_current(score: CandidateScore, backbone: BackboneParams) -> bool:
 def backbone_change(score: CandidateScore) -> dict[str, Any]:
     """The ``backbone`` keys params.yaml needs to use ``score``'s backbone."""
     return {"name": score.name, "weights": score.weights, "sha256": score.sha256}
-
-
-def apply_backbone(params_path: Path, change: dict[str, Any]) -> bool:
-    """Set the ``backbone`` keys of ``change`` in params.yaml, keeping every other byte.
-
-    Each key's line is edited in place (its comment stays); a missing key is added at the end
-    of the section. The result is parsed and compared with the original before it replaces
-    the file (atomically): any difference outside ``backbone`` refuses the edit.
-
-    Returns:
-        Whether the file changed.
-
-    Raises:
-        SelectionError: if the file cannot be edited safely.
-    """
-    text = params_path.read_text(encoding="utf-8")
-    before = yaml.safe_load(text) or {}
-    has_block = any(_SECTION.match(line) for line in text.splitlines())
-    if "backbone" in before and not has_block:
-        raise SelectionError(
-            f"{params_path}: the backbone section is not a block of `key: value` lines; set "
-            f"backbone.{', backbone.'.join(change)} by hand."
-        )
-    edited = _edit_backbone_lines(text, change)
-    try:
-        after = yaml.safe_load(edited)
-        parse_params(after, params_path)
-    except (yaml.YAMLError, ParamsError) as exc:
-        raise SelectionError(
-            f"editing {params_path} would break it ({exc}); edit it by hand."
-        ) from None
-    section = before.get("backbone") or {}
-    # An absent key that would be null stays absent (same meaning, fewer changed lines).
-    wanted = {key: value for key, value in change.items() if value is not None or key in section}
-    expected = {**before, "backbone": {**section, **wanted}}
-    if after != expected:
-        raise SelectionError(
-            f"{params_path}: the backbone lines could not be edited on their own (unusual "
-            f"layout); set backbone.{', backbone.'.join(change)} by hand."
-        )
-    if edited == text:
-        return False
-    write_text_atomic(params_path, edited)
-    return True
-
-
-_SECTION = re.compile(r"^backbone:\s*(#.*)?$")
-_TOP_LEVEL = re.compile(r"^[^\s#]")
-
-
-def _edit_backbone_lines(text: str, change: dict[str, Any]) -> str:
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if _SECTION.match(line.rstrip("\n"))), None)
-    if start is None:
-        block = "".join(
-            f"  {key}: {_scalar(value)}\n" for key, value in change.items() if value is not None
-        )
-        return text + ("" if text.endswith("\n") or not text else "\n") + "backbone:\n" + block
-    end = next((i for i in range(start + 1, len(lines)) if _TOP_LEVEL.match(lines[i])), len(lines))
-    last_key, indent = start, "  "
-    for key, value in change.items():
-        pattern = re.compile(rf"^(\s+){re.escape(key)}:(\s*)([^#]*?)(\s*)(#.*)?$")
-        for i in range(start + 1, end):
-            body = lines[i].rstrip("\r\n")
-            match = pattern.match(body)
-            if match:
-                lines[i] = _replace_value(match, key, value) + lines[i][len(body) :]
-                last_key, indent = max(last_key, i), match.group(1)
-                break
-        else:
-            if value is None:
-                continue  # an absent key already means null
-            lines.insert(last_key + 1, f"{indent}{key}: {_scalar(value)}\n")
-            last_key, end = last_key + 1, end + 1
-    return "".join(lines)
-
-
-def _replace_value(match: re.Match, key: str, value: Any) -> str:
-    indent, space, old, gap, comment = match.groups()
-    head = f"{indent}{key}:{space or ' '}{_scalar(value)}"
-    if not comment:
-        return head
-    column = len(f"{indent}{key}:{space}{old}{gap}")  # keep the comment where it was if possible
-    return head + " " * max(1, column - len(head)) + comment
-
-
-def _scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
 
 
 # --- reports ----------------------------------------------------------------------------------
@@ -354,9 +272,7 @@ def selection_markdown(report: dict[str, Any], applied: bool) -> str:
 def save_selection_plot(scores: list[CandidateScore], dest: Path) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    from graft.report import _pyplot, _save_figure
-
-    figure, axes = _pyplot().subplots(figsize=(6, 4))
+    figure, axes = pyplot().subplots(figsize=(6, 4))
     middle = np.median([score.ms_per_image for score in scores])
     for score in scores:
         axes.scatter(score.ms_per_image, score.val_accuracy, s=40)
@@ -378,30 +294,4 @@ def save_selection_plot(scores: list[CandidateScore], dest: Path) -> None:
     axes.set_ylim(0, 1.05)
     axes.set_title("Backbone candidates: accuracy against cost")
     axes.grid(alpha=0.3)
-    _save_figure(figure, dest)
-
-
-def write_selection(
-    report: dict[str, Any], scores: list[CandidateScore], reports_dir: Path, plots_dir: Path,
-    applied: bool,
-) -> None:  # fmt: skip
-    write_json(reports_dir / "backbone_selection.json", {**report, "applied": applied})
-    write_text_atomic(reports_dir / "backbone_selection.md", selection_markdown(report, applied))
-    save_selection_plot(scores, plots_dir / "backbone_selection.png")
-
-
-def run_selection(root: Path, params: Params, apply: bool) -> tuple[dict[str, Any], bool]:
-    """``graft select-backbone``: rank the candidates, write the reports, apply if asked.
-
-    Returns:
-        The report and whether params.yaml was changed.
-    """
-    paths = ProjectPaths(root)
-    manifest = read_manifest(paths.manifest)
-    scores = rank_backbones(manifest, paths.data, params, paths.root / params.features.cache_dir)
-    report = selection_report(scores, params.backbone)
-    applied = False
-    if apply and report["change_needed"]:
-        applied = apply_backbone(paths.params, backbone_change(scores[0]))
-    write_selection(report, scores, paths.root / "reports", paths.plots, applied)
-    return report, applied
+    save_figure(figure, dest)

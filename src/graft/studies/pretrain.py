@@ -36,6 +36,8 @@ from graft.backbones import (
 )
 from graft.classifier import attach_head
 from graft.config import FinetuneParams, HeadParams, PretrainParams, TrainingParams
+from graft.data.manifest import usable_rows
+from graft.data.splits import SPLITS
 from graft.engines import Engine, make_runner
 from graft.errors import InputError
 from graft.features import forward_in_batches
@@ -91,7 +93,7 @@ def task_data(manifest: pd.DataFrame, data_dir: Path, classes: Sequence[str], ke
     Raises:
         PretrainError: naming ``key`` if a class is not in the data, or a split is left empty.
     """
-    usable = manifest[manifest["status"] == "ok"]
+    usable = usable_rows(manifest)
     present = sorted(usable["label"].unique())
     labels = list(classes) or present
     missing = [label for label in labels if label not in present]
@@ -105,7 +107,7 @@ def task_data(manifest: pd.DataFrame, data_dir: Path, classes: Sequence[str], ke
     rows = usable[usable["label"].isin(labels)]
     index_of = {label: i for i, label in enumerate(labels)}
     splits = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         part = rows[rows["split"] == split]
         if part.empty:
             raise PretrainError(
