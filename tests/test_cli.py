@@ -114,7 +114,7 @@ def test_version_is_the_installed_distribution_version():
     ("command", "missing", "advice"),
     [
         ("promote", "models/blessing.json", "run `dvc repro export` first."),
-        ("rollback", "models/production/previous.onnx", "there is no previous model"),
+        ("rollback", "models/production/versions.json", "nothing has been promoted yet"),
     ],
 )
 def test_promote_and_rollback_without_an_export_say_it_once(

@@ -17,7 +17,7 @@ import pytest
 from graft.config import load_params
 from graft.files import file_sha256, read_json
 from graft.paths import ProjectPaths
-from graft.promotion import PromotionRefused, promote, rollback
+from graft.promotion import PromotionRefused, RollbackRefused, promote, rollback
 from graft.quantize import quantize_with_gate
 from graft.stages import evaluate, export, features, finetune, train_head, validate
 from tests.conftest import make_project, write_params
@@ -72,7 +72,8 @@ def test_first_promotion_applies_value_gates_only_and_serves_the_exported_model(
     assert saved["model_sha256"] == file_sha256(served) and saved["blessing"]["passed"]
     assert (production(project) / "model_card.md").read_text() == project.model_card.read_text()
     assert "Nothing was in production" in (project.root / "reports" / "promotion.md").read_text()
-    assert not (production(project) / "previous.onnx").exists()
+    kept = read_json(production(project) / "versions.json")
+    assert [entry["sha256"] for entry in kept] == [record.model_sha256]
 
 
 def test_a_worse_challenger_is_refused_and_production_is_untouched(underfit, exported, tmp_path):
@@ -106,7 +107,7 @@ def test_a_worse_challenger_is_refused_and_production_is_untouched(underfit, exp
 
 def test_rollback_restores_the_previous_model_and_its_record(project, underfit):
     first = _promote(project)
-    with pytest.raises(Exception, match="no previous model"):
+    with pytest.raises(RollbackRefused, match="no earlier version"):
         rollback(project.root, load_params(project.params))
     # A second promotion of a different export makes the first one the previous model.
     shutil.copyfile(underfit.onnx_model, project.onnx_model)
@@ -119,7 +120,8 @@ def test_rollback_restores_the_previous_model_and_its_record(project, underfit):
     restored = rollback(project.root, load_params(project.params))
     assert restored == first.model_sha256 == file_sha256(served)
     assert read_json(production(project) / "promotion.json")["model_sha256"] == first.model_sha256
-    assert file_sha256(production(project) / "previous.onnx") == second.model_sha256
+    kept = read_json(production(project) / "versions.json")
+    assert [entry["sha256"] for entry in kept] == [first.model_sha256, second.model_sha256]
     history = (production(project) / "history.jsonl").read_text().splitlines()
     actions = [json.loads(line)["action"] for line in history]
     assert actions == ["promote", "promote", "rollback"]

@@ -153,20 +153,31 @@ def promote(
 
     with _reported("promote"):
         record = promote_model(root, load_params(ProjectPaths(root).params), force, reason)
+    if record.unchanged:
+        typer.echo(f"{record.version} is already in production: nothing changed.")
+        return
     forced = " (forced: " + record.reason + ")" if record.forced else ""
-    typer.echo(f"Promoted {record.model_sha256[:12]} to production{forced}.")
+    typer.echo(f"Promoted {record.version} to production{forced}.")
     _record_in_registry(root, "promote")
 
 
 @app.command()
-def rollback(root: Path = ROOT) -> None:
-    """Put the previous production model back."""
+def rollback(
+    root: Path = ROOT,
+    to: str = typer.Option(
+        None,
+        "--to",
+        metavar="VERSION",
+        help="A kept version (sha256 prefix, see versions.json); default: the one before.",
+    ),
+) -> None:
+    """Put back the model promoted before the current one, or a kept version (--to)."""
     from graft.config import load_params
     from graft.paths import ProjectPaths
     from graft.promotion import rollback as rollback_model
 
     with _reported("rollback"):
-        restored = rollback_model(root, load_params(ProjectPaths(root).params))
+        restored = rollback_model(root, load_params(ProjectPaths(root).params), to)
     typer.echo(f"Rolled back: production is {restored[:12]} again.")
     _record_in_registry(root, "rollback")
 

@@ -364,6 +364,9 @@ class PromoteParams(_Section):
     infra_check_timeout_s: float = Field(
         120.0, gt=0.0, description="seconds the infra check's server may take"
     )
+    keep_versions: int = Field(
+        5, ge=2, description="models kept in production/versions/ for rollback, current included"
+    )
 
 
 class FewShotParams(_Section):

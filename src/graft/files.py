@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +15,21 @@ from graft.errors import MissingInputError
 
 
 def temporary_beside(path: Path) -> Path:
-    """A unique hidden name in ``path``'s folder (same file system, so a rename is atomic)."""
+    """A new, empty, uniquely named hidden file in ``path``'s folder (same file system, so a
+    rename is atomic).
+
+    Its mode is 0o666 less the umask, as for any file a program creates (``tempfile.mkstemp``
+    would make it 0o600, and a renamed file keeps its mode: a server running as another user,
+    as the serving container does, could not read a promoted model).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    return Path(name)
+    while True:
+        name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return name
 
 
 @contextmanager
