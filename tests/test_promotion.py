@@ -43,7 +43,7 @@ def underfit(tmp_path_factory) -> ProjectPaths:
     """The same data, but a head trained for one step and no fine-tuning: a worse model."""
     return _exported(
         tmp_path_factory.mktemp("bad") / "project",
-        {"head": {"epochs": 1, "patience": 1}, "finetune": {"enabled": False}},
+        {"head": {"kind": "linear", "epochs": 1, "patience": 1}, "finetune": {"enabled": False}},
     )
 
 
