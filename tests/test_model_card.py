@@ -29,7 +29,9 @@ FEW_SHOT_CHOICE = {
 }
 
 
-def card(weights: str, sha256: str | None, head: dict | None, candidate: str) -> str:
+def card(
+    weights: str, sha256: str | None, head: dict | None, candidate: str, probe: dict | None = None
+) -> str:
     spec = ModelSpec(
         backbone="tf_efficientnet_lite0",
         weights=weights,
@@ -45,7 +47,7 @@ def card(weights: str, sha256: str | None, head: dict | None, candidate: str) ->
         labels=["cat", "dog"],
     )
     metadata = {"candidate": candidate, "data_version": "d1", "git_revision": "g1"}
-    return model_card_markdown(spec, metadata, METRICS, Parity(20, 1e-6, 1.0), None, head)
+    return model_card_markdown(spec, metadata, METRICS, Parity(20, 1e-6, 1.0), None, head, probe)
 
 
 def architecture_line(text: str) -> str:
@@ -111,3 +113,13 @@ def test_the_card_names_the_real_weights_source(weights, sha256, says, limitatio
     assert limitation in text.split("## Limitations")[1]
     if weights in ("random", "file:models/source/backbone.safetensors"):
         assert "ImageNet" not in text
+
+
+def test_the_card_names_the_cross_validated_probe_when_the_head_is_it():
+    probe = {"c": 0.03, "folds": 5, "images": 1519, "cv_accuracy": 0.97, "cv_std": 0.01}
+    line = architecture_line(card("packaged", SHA, {"kind": "linear"}, "head", probe))
+    assert (
+        "a logistic-regression probe (C = 0.03, chosen by 5-fold cross-validation over 1519 "
+        "train + val images); only the head was trained" in line
+    )
+    assert "linear head" not in line

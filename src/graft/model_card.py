@@ -8,10 +8,18 @@ from graft.classifier import ModelSpec
 from graft.export import Parity
 
 
-def describe_head(head: dict[str, Any], candidate: str) -> str:
-    """The head as built (``info["head"]`` of the checkpoint) and what training changed."""
+def describe_head(head: dict[str, Any], candidate: str, probe: dict[str, Any] | None = None) -> str:
+    """The head as built (``info["head"]`` of the checkpoint) and what training changed.
+
+    ``probe`` is the cross-validated probe's search (``info["probe"]``) when the head is it.
+    """
     kind = head.get("kind", "linear")
-    if kind == "mlp":
+    if probe:
+        what = (
+            f"a logistic-regression probe (C = {probe['c']:g}, chosen by {probe['folds']}-fold "
+            f"cross-validation over {probe['images']} train + val images)"
+        )
+    elif kind == "mlp":
         what = (
             f"an MLP head (Linear → ReLU → Dropout {head['dropout']} → Linear, "
             f"{head['hidden']} hidden units)"
@@ -71,10 +79,12 @@ def model_card_markdown(
     parity: Parity,
     int8: dict[str, Any] | None = None,
     head: dict[str, Any] | None = None,
+    probe: dict[str, Any] | None = None,
 ) -> str:
     """Markdown for ``models/model_card.md``; ``metrics`` are the candidate's test metrics.
 
-    ``head`` is the candidate checkpoint's head architecture (``info["head"]``); None: linear.
+    ``head`` is the candidate checkpoint's head architecture (``info["head"]``; None: linear),
+    ``probe`` its probe search (``info["probe"]``) when the head is the cross-validated probe.
     """
     config = spec.data_config
     low, high = metrics["accuracy_ci95"]
@@ -84,7 +94,7 @@ def model_card_markdown(
         "## Model",
         "",
         f"- Architecture: timm `{spec.backbone}` with "
-        f"{describe_head(head or {'kind': 'linear'}, metadata['candidate'])}.",
+        f"{describe_head(head or {'kind': 'linear'}, metadata['candidate'], probe)}.",
         f"- Backbone weights: {describe_weights(spec.weights, spec.weights_sha256)}.",
         f"- Classes ({len(spec.labels)}): {', '.join(f'`{label}`' for label in spec.labels)}.",
         f"- Data version (data.dvc md5): `{metadata['data_version']}`; "

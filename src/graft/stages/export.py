@@ -80,7 +80,13 @@ def main(root: Path = Path(".")) -> Parity:
     write_text_atomic(
         paths.model_card,
         model_card_markdown(
-            spec, metadata, candidate_metrics, parity, int8, head_architecture_of(checkpoint)
+            spec,
+            metadata,
+            candidate_metrics,
+            parity,
+            int8,
+            head_architecture_of(checkpoint),
+            checkpoint.info.get("probe"),
         ),
     )
     write_json(
