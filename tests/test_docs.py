@@ -484,7 +484,7 @@ def test_a_figure_not_in_bench_results_is_reported():
 
 
 def test_cli_reference_shows_every_sub_command_with_its_options():
-    reference = cli_reference_markdown()
+    reference = cli_reference_markdown(app)
     group = typer.main.get_command(app)
     context = click.Context(group, info_name="graft")
     assert "--version" in reference.split("## `graft ")[0]

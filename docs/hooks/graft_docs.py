@@ -13,12 +13,13 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
+from graft.cli import app
 from graft.cli_reference import cli_reference_markdown
 from graft.params_reference import params_reference_markdown
 
 GENERATED = {
     "<!-- params-reference -->": params_reference_markdown,
-    "<!-- cli-reference -->": cli_reference_markdown,
+    "<!-- cli-reference -->": lambda: cli_reference_markdown(app),
 }
 
 

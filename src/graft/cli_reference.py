@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import click
+import typer
 import typer.main
 
-from graft.cli import app
 
-
-def cli_reference_markdown() -> str:
-    """One section per sub-command: its usage line, what it does, and its options."""
+def cli_reference_markdown(app: typer.Typer) -> str:
+    """One section per sub-command of ``app``: its usage line, what it does, and its options."""
     group = typer.main.get_command(app)
     context = click.Context(group, info_name="graft")
     blocks = _command_block("graft", group, context)
