@@ -12,11 +12,12 @@ from graft.evaluate import (
     above_chance,
     bless,
     bootstrap_accuracy_interval,
+    candidate_summary,
     change_checks,
+    choose_candidate,
     classification_metrics,
     expected_calibration_error,
     not_worse_than_reference,
-    select_candidate,
     wilson_interval,
 )
 
@@ -62,10 +63,32 @@ def test_metrics_from_probabilities_match_the_confusion_matrix():
     assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
 
 
-def test_the_candidate_is_chosen_on_val_and_ties_keep_the_head():
-    assert select_candidate(0.90, 0.95) == "finetuned"
-    assert select_candidate(0.95, 0.95) == "head"
-    assert select_candidate(0.95, None) == "head"
+def test_the_candidate_is_chosen_on_val_and_ties_keep_the_simpler():
+    right = np.ones(100, dtype=bool)
+    some_wrong = right.copy()
+    some_wrong[:5] = False
+    assert choose_candidate({"head": some_wrong, "finetuned": right})["candidate"] == "finetuned"
+    tie = choose_candidate({"head": right, "finetuned": right, "average": right})
+    assert tie["candidate"] == "head"
+    assert choose_candidate({"head": right})["candidate"] == "head"
+
+
+def test_a_one_image_lead_on_a_tiny_val_is_said_to_be_within_noise():
+    """49 val images: one image is 2 points, and no evidence."""
+    head, finetuned = np.ones(49, dtype=bool), np.ones(49, dtype=bool)
+    head[:2], finetuned[:1] = False, False
+    choice = choose_candidate({"head": head, "finetuned": finetuned})
+    assert choice["candidate"] == "finetuned" and choice["val_images"] == 49
+    assert choice["within_noise"] == {"head": True}
+    low, high = choice["difference_ci95"]["head"]
+    assert low <= 0 < high
+    assert "within noise of head" in candidate_summary(choice)
+    # a lead of 30 images in 200 is not noise
+    head, finetuned = np.ones(200, dtype=bool), np.ones(200, dtype=bool)
+    head[:40], finetuned[:10] = False, False
+    clear = choose_candidate({"head": head, "finetuned": finetuned})
+    assert clear["within_noise"] == {"head": False}
+    assert "within noise" not in candidate_summary(clear)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), None])

@@ -108,11 +108,56 @@ def classification_metrics(
     }
 
 
-def select_candidate(head_val_accuracy: float, finetuned_val_accuracy: float | None) -> str:
-    """Fine-tuned only if it beats the head on val; selection never looks at test."""
-    if finetuned_val_accuracy is not None and finetuned_val_accuracy > head_val_accuracy:
-        return "finetuned"
-    return "head"
+CANDIDATES = ("head", "finetuned", "average")  # simplest first: a tie goes to the simpler
+
+
+def choose_candidate(
+    val_correct: dict[str, np.ndarray], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The candidate with the best val accuracy (ties: the simpler, in ``CANDIDATES`` order),
+    and how sure that is: for every other candidate, a paired bootstrap 95% interval over the
+    val images of the winner's accuracy minus its own; ``within_noise`` when it reaches 0.
+
+    Args:
+        val_correct: per candidate, whether it got each val image right (same images, same
+            order).
+    """
+    names = [name for name in CANDIDATES if name in val_correct]
+    accuracy = {name: float(np.mean(val_correct[name])) for name in names}
+    best = max(names, key=lambda name: (accuracy[name], -names.index(name)))
+    n = len(val_correct[best])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n)) if n else np.zeros((resamples, 0), int)
+    intervals, within = {}, {}
+    for name in names:
+        if name == best:
+            continue
+        gain = val_correct[best].astype(float) - val_correct[name].astype(float)
+        means = gain[draws].mean(axis=1) if n else np.zeros(resamples)
+        low, high = np.percentile(means, [2.5, 97.5])
+        intervals[name], within[name] = [float(low), float(high)], bool(low <= 0.0)
+    return {
+        "candidate": best,
+        "val_accuracy": accuracy,
+        "val_images": n,
+        "difference_ci95": intervals,
+        "within_noise": within,
+    }
+
+
+def candidate_summary(choice: dict[str, Any]) -> str:
+    """One sentence on the val choice: the accuracies, and which rivals are within noise."""
+    best = choice["candidate"]
+    scores = ", ".join(f"{name} {acc:.4f}" for name, acc in choice["val_accuracy"].items())
+    text = f"{best} chosen on {choice['val_images']} val images ({scores})"
+    close = [name for name, tied in choice["within_noise"].items() if tied]
+    if close:
+        low, high = choice["difference_ci95"][close[0]]
+        text += (
+            f"; within noise of {' and '.join(close)} (paired bootstrap 95% interval of the "
+            f"difference to {close[0]}: {low:+.4f} to {high:+.4f})"
+        )
+    return text
 
 
 @dataclass

@@ -77,6 +77,7 @@ class FinetuneResult:
     candidates: dict[str, float] = field(default_factory=dict)
     resumed_at_epoch: int | None = None
     val_logits: torch.Tensor | None = None  # the best model's, in the order of the val images
+    head_val_logits: torch.Tensor | None = None  # the head's (epoch 0), in the same order
 
     @property
     def beats_head(self) -> bool:
@@ -295,6 +296,14 @@ def finetune(
         augmented=augmented,
     )
     initial = copy.deepcopy(model.state_dict())
+
+    def val_logits() -> torch.Tensor:
+        model.eval()
+        with torch.inference_mode():
+            top = _Top(model, cut, cut)
+            return torch.cat([top(chunk.float()) for chunk in data.val.split(256)]).cpu()
+
+    head_val_logits = val_logits()  # the head alone (epoch 0), e.g. to average with the best
     policies = ["frozen", "adapt"] if params.bn == "auto" else [params.bn]
     results = []
     for policy in policies:
@@ -315,10 +324,8 @@ def finetune(
     best = max(results, key=lambda r: (r.val_accuracy, -policies.index(r.bn)))
     best.candidates = {r.bn: r.val_accuracy for r in results}
     model.load_state_dict(best.state_dict)
-    model.eval()
-    with torch.inference_mode():  # what the best model says on val, e.g. to calibrate it
-        top = _Top(model, cut, cut)
-        best.val_logits = torch.cat([top(chunk.float()) for chunk in data.val.split(256)]).cpu()
+    best.val_logits = val_logits()  # what the best model says on val, e.g. to calibrate it
+    best.head_val_logits = head_val_logits
     return best
 
 

@@ -39,6 +39,12 @@ def describe_head(head: dict[str, Any], candidate: str, probe: dict[str, Any] | 
         what = "a linear head"
     if candidate == "finetuned":
         return f"{what}; the backbone's top blocks were fine-tuned together with it (LP-FT)"
+    if candidate == "average":
+        return (
+            f"the mean class probability of two models in one graph: {what} on the frozen "
+            "backbone, and a copy of the backbone whose top blocks were fine-tuned with it "
+            "(LP-FT); it runs the backbone twice per image"
+        )
     return f"{what}; only the head was trained, the backbone is frozen"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from graft.evaluate import Blessing
+from graft.evaluate import Blessing, candidate_summary
 from graft.files import read_json
 from graft.paths import ProjectPaths
 from graft.plotting import pyplot, save_figure
@@ -96,10 +96,15 @@ def evaluation_markdown(
             "Fine-tuning was skipped (finetune.enabled is false or finetune.epochs is 0).",
             "",
         ]
+    choice = finetune_metrics.get("candidates")
     lines += [
-        "The candidate is chosen on **val** (fine-tuned only if it beats the head alone); "
-        f"val accuracy: head {finetune_metrics['head_val_accuracy']:.4f}, "
-        f"fine-tuned {finetune_metrics['val_accuracy']:.4f}.",
+        (
+            "The candidate is chosen on **val** among the head, the fine-tuned model and their "
+            f"probability average (a tie goes to the simpler): {candidate_summary(choice)}."
+        )
+        if choice
+        else "The candidate is chosen on **val**: val accuracy of the head "
+        f"{finetune_metrics['head_val_accuracy']:.4f}.",
         "",
         "## Test metrics",
         "",

@@ -11,13 +11,13 @@ import torch
 from graft.classifier import build_classifier, build_head, load_checkpoint
 from graft.config import load_params
 from graft.engines import make_runner
+from graft.ensemble import average_probabilities
 from graft.evaluate import (
     Blessing,
     above_chance,
     bless,
     classification_metrics,
     not_worse_than_reference,
-    select_candidate,
 )
 from graft.features import forward_in_batches, load_feature_set
 from graft.files import read_json, write_json, write_text_atomic
@@ -60,16 +60,18 @@ def main(root: Path = Path(".")) -> Blessing:
             "evaluate finetuned",
         )
         probabilities["finetuned"] = softmax(logits)
+        probabilities["average"] = average_probabilities(list(probabilities.values()))
     results = {
         name: classification_metrics(test.labels, probs, labels)
         for name, probs in probabilities.items()
     }
 
-    candidate = select_candidate(
-        finetune_metrics["head_val_accuracy"],
-        None if finetune_metrics["skipped"] else finetune_metrics["val_accuracy"],
-    )
-    model_path = paths.head_model if candidate == "head" else paths.finetuned_model
+    candidate = finetune_metrics["candidate"]  # chosen on val by the finetune stage
+    model_path = {
+        "head": paths.head_model,
+        "finetuned": paths.finetuned_model,
+        "average": paths.finetuned_model,  # with the head (models/head.pt): export averages them
+    }[candidate]
     chosen = probabilities[candidate]
     predicted = chosen.argmax(axis=1)
     gate = params.evaluate

@@ -10,6 +10,7 @@ import yaml
 
 from graft.classifier import build_classifier, head_architecture_of, load_checkpoint
 from graft.config import load_params
+from graft.ensemble import ProbabilityAverage
 from graft.export import ExportRefused, Parity, export_onnx, parity_on_images
 from graft.features import load_feature_set
 from graft.files import file_sha256, read_json, replacing, write_json, write_text_atomic
@@ -33,6 +34,8 @@ def main(root: Path = Path(".")) -> Parity:
     checkpoint = load_checkpoint(paths.root / blessing["model"])
     spec = checkpoint.spec
     model = build_classifier(checkpoint)
+    if blessing["candidate"] == "average":  # the head and the fine-tuned model, in one graph
+        model = ProbabilityAverage([build_classifier(load_checkpoint(paths.head_model)), model])
     metrics = read_json(paths.metrics / "eval.json")
     metadata = model_metadata(
         spec,

@@ -24,6 +24,8 @@ from graft.classifier import (
 )
 from graft.config import load_params
 from graft.data.manifest import read_manifest, usable_rows
+from graft.ensemble import average_probabilities
+from graft.evaluate import candidate_summary, choose_candidate
 from graft.fewshot import finetune_skip_reason
 from graft.files import file_sha256, write_json, write_text_atomic
 from graft.finetune import (
@@ -34,6 +36,7 @@ from graft.finetune import (
     fingerprint,
 )
 from graft.live_log import write_live_log
+from graft.numeric import softmax
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
 
@@ -101,7 +104,17 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     if run and settings.calibrate and len(val_y):
         calibration = calibrate(model, result.val_logits.float().numpy(), val_y)
         state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    candidate = "finetuned" if result.beats_head else "head"
+    choice = None
+    candidate = "head"
+    if run and len(val_y):  # head, fine-tuned or their average: the best on val
+        temperature = calibration["temperature"] if calibration else 1.0
+        probabilities = {
+            "head": softmax(result.head_val_logits.float().numpy()),
+            "finetuned": softmax(result.val_logits.float().numpy() / temperature),
+        }
+        probabilities["average"] = average_probabilities(list(probabilities.values()))
+        choice = choose_candidate({k: p.argmax(axis=1) == val_y for k, p in probabilities.items()})
+        candidate = choice["candidate"]
     info = {
         "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy,
@@ -120,6 +133,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "best_epoch": result.best_epoch,
             "epochs_run": max(len(result.history) - 1, 0),
             "candidate": candidate,
+            "candidates": choice,
             "bn": result.bn,
             "bn_candidates": result.candidates,
             "stopped": result.stopped,
@@ -131,15 +145,12 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     write_live_log(paths.root / "dvclive" / "finetune", result.history)
     for leftover in checkpoint_dir(paths).glob("finetune-*.resume.pt"):
         leftover.unlink()  # the run is complete: its model is in finetuned.pt
-    verdict = (
-        "beats the head: the fine-tuned model is the candidate"
-        if result.beats_head
-        else "does not beat the head on val: the head is the candidate"
-    )
     print(
         f"finetune: val accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch} "
-        f"(head alone: {result.head_val_accuracy:.4f}, BN {result.bn}); {verdict}"
+        f"(head alone: {result.head_val_accuracy:.4f}, BN {result.bn}); candidate: {candidate}"
     )
+    if choice:
+        print(f"finetune: {candidate_summary(choice)}")
     if calibration:
         print(
             f"finetune: temperature {calibration['temperature']:.3f} fitted on val: val ECE "
