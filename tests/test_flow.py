@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from graft.errors import ExitCode
 from graft.files import read_json
 from graft.paths import ProjectPaths
-from tests.conftest import REPO_ROOT, make_project, write_params
+from tests.conftest import REPO_ROOT, data_unchanged, make_project, write_params
 
 SCRIPTS = str(Path(sys.executable).parent)
 
@@ -181,6 +182,17 @@ def test_a_failing_stage_fails_the_run_names_the_stage_and_notifies(tmp_path, we
     assert len(webhook.received) == 1 and "stage validate failed" in webhook.received[0]
 
 
+def test_a_stage_that_refused_or_found_bad_input_gives_the_flow_that_exit_code():
+    from flows.training import _graft_exit_code
+
+    said = "ERROR: failed to reproduce '{}': failed to run: graft {}, exited with {}"
+    assert _graft_exit_code(said.format("export", "export", 3)) == ExitCode.REFUSED
+    assert _graft_exit_code(said.format("validate", "validate", 4)) == ExitCode.BAD_INPUT
+    assert _graft_exit_code(said.format("finetune", "finetune", 1)) == ExitCode.FAILED
+    assert _graft_exit_code(said.format("features", "features", -9)) == ExitCode.FAILED
+    assert _graft_exit_code("ERROR: unexpected error - Permission denied") == ExitCode.FAILED
+
+
 def test_a_stage_past_its_time_limit_is_stopped_and_a_rerun_redoes_only_what_is_stale(
     promoted_project, tmp_path
 ):
@@ -240,6 +252,48 @@ def test_a_transient_dvc_push_failure_is_retried(promoted_project, tmp_path):
     assert push.run_count >= 2 and push.state.is_completed()
     pull = next(run for run in runs if run.name == "dvc pull")
     assert pull.run_count == 1
+
+
+def test_the_flow_never_pulls_over_changed_data_and_records_it_when_asked(
+    promoted_project, tmp_path
+):
+    from PIL import Image
+
+    from graft.data.manifest import read_manifest
+
+    paths = copy_of(promoted_project[0], tmp_path / "project")
+    dvc(paths.root, "add", "--quiet", "data")
+    dvc(paths.root, "remote", "add", "--local", "--default", "local", str(tmp_path / "remote"))
+    dvc(paths.root, "push", "--quiet")  # dvc pull could now check the recorded version out
+    data = paths.data
+    (data / "1" / "digit_0001.png").rename(data / "7" / "digit_0001.png")  # a relabel
+    with Image.open(data / "3" / "digit_0003.png") as image:
+        image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(data / "3" / "new.png")
+    (data / "4" / "digit_0004.png").unlink()
+
+    env = {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": "",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",  # as `make run` allows
+    }
+    with data_unchanged(data):
+        script = REPO_ROOT / "flows" / "training.py"
+        flow = run(paths.root, sys.executable, str(script), str(paths.root), env=env)
+    assert flow.returncode == ExitCode.BAD_INPUT, flow.stdout[-3000:] + flow.stderr[-3000:]
+    said = " ".join((flow.stdout + flow.stderr).split())
+    assert "moved: data/1/digit_0001.png -> data/7/digit_0001.png" in said
+    assert "added: data/3/new.png" in said and "deleted: data/4/digit_0004.png" in said
+    assert "`dvc add data`" in said and "flow.record_data: true" in said
+
+    write_params(paths.root, {"flow": {"record_data": True}})
+    with data_unchanged(data):
+        state = final_state(paths, promote=False)
+    assert state.name == "Exported", state.message
+    manifest = read_manifest(paths.manifest).set_index("path")
+    assert manifest.loc["7/digit_0001.png", "label"] == "7"  # trained on the new labels
+    assert "3/new.png" in manifest.index and "4/digit_0004.png" not in manifest.index
+    assert "1/digit_0001.png" not in manifest.index
+    assert "data.dvc" not in dvc(paths.root, "status").stdout  # recorded
 
 
 @pytest.mark.slow
