@@ -58,3 +58,44 @@ def test_no_calibration_data_is_a_clear_error_and_writes_nothing(fp32_model, tmp
     with pytest.raises(QuantizationError, match="No calibration batch"):
         quantize_static_qdq(path, tmp_path / "int8.onnx", [])
     assert not list(tmp_path.iterdir())
+
+
+def test_calibrating_a_few_images_per_run_gives_the_ranges_of_all_images_at_once(
+    fp32_model, tmp_path
+):
+    """Memory is bounded by ``rows_per_run`` images' activations; the model is unchanged."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path, images = fp32_model
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(path), str(prepared))
+    at_once = tmp_path / "at_once.onnx"
+    quantize_static(
+        str(prepared), str(at_once),
+        _AllAtOnce({"pixels": np.ascontiguousarray(images)}),
+        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+    )  # fmt: skip
+    streamed = quantize_static_qdq(path, tmp_path / "streamed.onnx", [images], rows_per_run=3)
+    np.testing.assert_array_equal(run(streamed, images), run(at_once, images))
+    assert _scales(streamed) == _scales(at_once)
+
+
+class _AllAtOnce:
+    """onnxruntime's reference: one run over every calibration image."""
+
+    def __init__(self, inputs: dict) -> None:
+        self.inputs = [inputs]
+
+    def get_next(self) -> dict | None:
+        return self.inputs.pop() if self.inputs else None
+
+
+def _scales(path: Path) -> dict[str, list[float]]:
+    graph = onnx.load(str(path)).graph
+    return {
+        init.name: onnx.numpy_helper.to_array(init).ravel().tolist()
+        for init in graph.initializer
+        if init.name.endswith("_scale") or init.name.endswith("_zero_point")
+    }
