@@ -62,6 +62,29 @@ def test_a_runner_accepts_a_last_batch_smaller_than_it_was_warmed_for(digit_path
     assert runner(batch).shape == (3, backbone.num_features)
 
 
+def test_a_batch_over_the_pixel_budget_runs_in_slices_with_the_same_outputs(digit_paths):
+    backbone = create_backbone("test_efficientnet", "random")
+    size = tuple(backbone.data_config["input_size"])
+    batch = load_tensor_batch(digit_paths[:5], eval_transform(backbone.data_config))
+    whole = OnnxRunner(backbone.model, size, batch_size=5)
+    two_images = 2 * size[1] * size[2]
+    sliced = OnnxRunner(backbone.model, size, batch_size=5, max_pixels_per_run=two_images)
+    sliced.session = _CountingSession(sliced.session)
+    np.testing.assert_allclose(sliced(batch), whole(batch), atol=1e-5)
+    assert sliced.session.rows == [2, 2, 1]  # never more than two images' activations at once
+
+
+class _CountingSession:
+    """An onnxruntime session that records the images of each run."""
+
+    def __init__(self, session) -> None:
+        self.session, self.rows = session, []
+
+    def run(self, outputs, feed):
+        self.rows.extend(len(array) for array in feed.values())
+        return self.session.run(outputs, feed)
+
+
 @pytest.mark.slow
 def test_engines_agree_on_the_real_pretrained_backbone(digit_paths):
     backbone = create_backbone("tf_efficientnet_lite0", "packaged")
