@@ -80,6 +80,9 @@ class _CountingSession:
     def __init__(self, session) -> None:
         self.session, self.rows = session, []
 
+    def get_inputs(self):
+        return self.session.get_inputs()
+
     def run(self, outputs, feed):
         self.rows.extend(len(array) for array in feed.values())
         return self.session.run(outputs, feed)

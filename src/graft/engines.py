@@ -19,23 +19,12 @@ import torch
 from torch import nn
 
 from graft.export import export_onnx
-from graft.runtime import inference_session
+from graft.runtime import MAX_PIXELS_PER_RUN, inference_session, rows_per_run, run_single
 
 Engine = Literal["auto", "torch", "onnxruntime"]
 Runner = Callable[[torch.Tensor], np.ndarray]
 
 _INPUT, _OUTPUT = "x", "y"
-
-# onnxruntime keeps a run's activations in its memory arena, which grows with the images per run:
-# tf_efficientnet_lite0 at 224 px peaked at 2.4 GB resident with 64 images a run and 1.6 GB with
-# 32 (measured, session alone), at no better throughput. A run takes at most this many pixels
-# (32 images at 224 px), whatever the batch size the caller decodes.
-MAX_PIXELS_PER_RUN = 32 * 224 * 224
-
-
-def rows_per_run(input_size: list[int] | tuple[int, ...], max_pixels: int) -> int:
-    """Images of ``input_size`` (C, H, W) that one engine run takes (at least one)."""
-    return max(1, max_pixels // (input_size[-1] * input_size[-2]))
 
 
 def resolve_engine(engine: Engine) -> Literal["torch", "onnxruntime"]:
@@ -135,15 +124,7 @@ class OnnxRunner:
     def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         if isinstance(batch, torch.Tensor):
             batch = batch.numpy()
-        array = np.ascontiguousarray(batch, dtype=np.float32)
-        if len(array) <= self.rows:
-            return self.session.run(None, {self.input_name: array})[0]
-        return np.concatenate(
-            [
-                self.session.run(None, {self.input_name: array[start : start + self.rows]})[0]
-                for start in range(0, len(array), self.rows)
-            ]
-        )
+        return run_single(self.session, batch, rows=self.rows)
 
 
 def export_engine(module: nn.Module, input_size: tuple[int, ...], path: Path) -> Path:
