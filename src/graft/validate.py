@@ -24,6 +24,7 @@ from graft.data.layout import Layout, LayoutError, discover_images
 from graft.data.manifest import DUPLICATE, build_manifest, is_usable, usable_rows
 from graft.data.splits import SPLITS
 from graft.errors import InputError
+from graft.parallel import Mapper
 
 MAX_LISTED_FILES = 20
 
@@ -55,6 +56,7 @@ def validate(
     *,
     baseline: dict[str, Any] | None = None,
     data_docs_dir: Path | None = None,
+    map_images: Mapper | None = None,
 ) -> ValidationResult:
     """Build the manifest of ``data_dir`` and refuse data that cannot be trained on.
 
@@ -66,6 +68,7 @@ def validate(
         baseline: the profile of the previous validated data version, to measure drift
             against; None when there is none (drift is then reported as "no baseline").
         data_docs_dir: where to write Great Expectations' HTML Data Docs, if anywhere.
+        map_images: where the files are checked (see :func:`graft.data.manifest.build_manifest`).
 
     Raises:
         DataValidationError: no images, fewer than 2 classes, a failed manifest expectation
@@ -76,7 +79,7 @@ def validate(
     data_dir = Path(data_dir)
     layout = _discover(data_dir)
     _refuse_no_images(data_dir, layout)
-    manifest = build_manifest(data_dir, params, layout=layout)
+    manifest = build_manifest(data_dir, params, layout=layout, map_images=map_images)
     _refuse_too_few_classes(data_dir, layout)
     expectations = run_manifest_expectations(
         manifest, labels=layout.classes, params=params, data_docs_dir=data_docs_dir

@@ -10,6 +10,7 @@ run goes on and the report can list it. Nothing under the data folder is ever wr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -29,6 +30,7 @@ from graft.data.layout import NOT_A_REGULAR_FILE, ImageFile, Layout, discover_im
 from graft.data.splits import assign_split, split_position
 from graft.errors import InputError
 from graft.files import write_text_atomic
+from graft.parallel import Mapper
 from graft.progress import progress
 
 MANIFEST_COLUMNS = (
@@ -76,7 +78,11 @@ def usable_labels(manifest: pd.DataFrame) -> list[str]:
 
 
 def build_manifest(
-    data_dir: Path, params: DataParams, *, layout: Layout | None = None
+    data_dir: Path,
+    params: DataParams,
+    *,
+    layout: Layout | None = None,
+    map_images: Mapper | None = None,
 ) -> pd.DataFrame:
     """Decode every image under ``data_dir`` and describe it in one manifest row.
 
@@ -93,6 +99,8 @@ def build_manifest(
         data_dir: the data folder, in either layout of :mod:`graft.data.layout`.
         params: the ``data`` section of ``params.yaml``.
         layout: the result of :func:`~graft.data.layout.discover_images` if already known.
+        map_images: maps the check of one file over the files, in order (graft.parallel: a
+            process per core, or a Dask cluster); None: threads in this process.
 
     Returns:
         The manifest, sorted by path, with exactly the columns in ``MANIFEST_COLUMNS``.
@@ -100,9 +108,8 @@ def build_manifest(
     if layout is None:
         layout = discover_images(data_dir)
     images = layout.images
-    workers = max(1, min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(images)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        described = pool.map(lambda image: _describe(image, params), images)
+    with _mapper(map_images, len(images)) as mapper:
+        described = mapper(functools.partial(_describe, params=params), images)
         with progress(len(images), "checking images") as bar:
             rows = []
             for row in described:
@@ -117,6 +124,16 @@ def build_manifest(
         movable = pd.Series(hashed, index=[image.relative for image in images])
         manifest = give_every_class_a_train_image(manifest, params.seed, movable)
     return manifest
+
+
+@contextmanager
+def _mapper(map_images: Mapper | None, count: int) -> Iterator[Mapper]:
+    if map_images is not None:
+        yield map_images
+        return
+    workers = max(1, min(_MAX_DECODE_THREADS, os.cpu_count() or 1, count))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield pool.map
 
 
 def _describe(image: ImageFile, params: DataParams) -> dict:

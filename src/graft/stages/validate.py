@@ -11,6 +11,7 @@ from rich.text import Text
 from graft.config import load_params
 from graft.data.manifest import write_manifest
 from graft.files import read_json, write_json
+from graft.parallel import mapper_for
 from graft.paths import ProjectPaths
 from graft.validate import MAX_LISTED_FILES, ValidationResult, validate
 
@@ -35,12 +36,15 @@ def main(root: Path = Path(".")) -> ValidationResult:
     params = load_params(paths.params)
     profile_path = paths.data_profile
     baseline = read_json(profile_path) if profile_path.is_file() else None
-    result = validate(
-        paths.data,
-        params.data,
-        baseline=baseline,
-        data_docs_dir=paths.validation_reports / DATA_DOCS_NAME,
-    )
+    # Every core here, or the Dask cluster extraction uses: where files are checked, not what.
+    with mapper_for(params.features.dask_scheduler, "features.dask_scheduler") as map_images:
+        result = validate(
+            paths.data,
+            params.data,
+            baseline=baseline,
+            data_docs_dir=paths.validation_reports / DATA_DOCS_NAME,
+            map_images=map_images,
+        )
     write_manifest(result.manifest, paths.manifest)
     write_json(paths.validation_reports / SUMMARY_NAME, result.summary)
     write_json(paths.metrics / METRICS_NAME, validation_metrics(result.summary))
