@@ -21,10 +21,9 @@ from graft.config import DataParams
 from graft.data.drift import compare_profiles, profile_manifest
 from graft.data.expectations import run_manifest_expectations
 from graft.data.layout import Layout, LayoutError, discover_images
-from graft.data.manifest import DUPLICATE, build_manifest, is_usable, usable_rows
+from graft.data.manifest import DUPLICATE, MapImages, build_manifest, is_usable, usable_rows
 from graft.data.splits import SPLITS
 from graft.errors import InputError
-from graft.parallel import Mapper
 
 MAX_LISTED_FILES = 20
 
@@ -56,7 +55,7 @@ def validate(
     *,
     baseline: dict[str, Any] | None = None,
     data_docs_dir: Path | None = None,
-    map_images: Mapper | None = None,
+    map_images: MapImages | None = None,
 ) -> ValidationResult:
     """Build the manifest of ``data_dir`` and refuse data that cannot be trained on.
 

@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +30,6 @@ from graft.data.layout import NOT_A_REGULAR_FILE, ImageFile, Layout, discover_im
 from graft.data.splits import assign_split, split_position
 from graft.errors import InputError
 from graft.files import write_text_atomic
-from graft.parallel import Mapper
 from graft.progress import progress
 
 MANIFEST_COLUMNS = (
@@ -53,6 +52,11 @@ DUPLICATE = "duplicate"
 TOO_LARGE = "too_large"  # over data.max_file_bytes: quarantined without being read
 # Decoding holds whole images in memory, so a few threads are plenty (Pillow releases the GIL).
 _MAX_DECODE_THREADS = 8
+
+
+# Maps the check of one file over the files, results in their order (graft.parallel has ones
+# over a process pool and a Dask cluster; the default is a thread pool here).
+MapImages = Callable[[Callable[[ImageFile], dict], Sequence[ImageFile]], Iterable[dict]]
 
 
 class ManifestError(InputError, ValueError):
@@ -82,7 +86,7 @@ def build_manifest(
     params: DataParams,
     *,
     layout: Layout | None = None,
-    map_images: Mapper | None = None,
+    map_images: MapImages | None = None,
 ) -> pd.DataFrame:
     """Decode every image under ``data_dir`` and describe it in one manifest row.
 
@@ -127,7 +131,7 @@ def build_manifest(
 
 
 @contextmanager
-def _mapper(map_images: Mapper | None, count: int) -> Iterator[Mapper]:
+def _mapper(map_images: MapImages | None, count: int) -> Iterator[MapImages]:
     if map_images is not None:
         yield map_images
         return
