@@ -41,6 +41,11 @@ def describe_head(head: dict[str, Any], candidate: str, probe: dict[str, Any] | 
         return f"{what}; the backbone's top blocks were fine-tuned together with it (LP-FT)"
     if candidate == "average":
         return (
+            f"the mean of two models' probabilities: the frozen backbone with {what}, and the "
+            "backbone with its top blocks fine-tuned together with that head (LP-FT)"
+        )
+    if candidate == "average":
+        return (
             f"the mean class probability of two models in one graph: {what} on the frozen "
             "backbone, and a copy of the backbone whose top blocks were fine-tuned with it "
             "(LP-FT); it runs the backbone twice per image"
