@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -60,20 +59,17 @@ def type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-_BOUNDS = (
-    (annotated_types.Gt, "gt", ">"),
-    (annotated_types.Ge, "ge", "≥"),
-    (annotated_types.Lt, "lt", "<"),
-    (annotated_types.Le, "le", "≤"),
-)
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
 
 
 def _rules(field: FieldInfo) -> str:
+    """The constraints pydantic enforces on a field (``Field(ge=..., pattern=...)``)."""
     rules = []
     for item in field.metadata:
-        for kind, attribute, symbol in _BOUNDS:
-            if isinstance(item, kind):
-                rules.append(f"{symbol} {getattr(item, attribute)}")
+        for attribute, symbol in _BOUNDS:
+            bound = getattr(item, attribute, None)
+            if bound is not None:
+                rules.append(f"{symbol} {bound}")
         pattern = getattr(item, "pattern", None)
         if pattern:
             rules.append(f"matches `{pattern}`")
@@ -81,9 +77,8 @@ def _rules(field: FieldInfo) -> str:
 
 
 def _yaml_value(value: Any) -> str:
-    if isinstance(value, BaseModel):
-        value = value.model_dump()
-    elif isinstance(value, list):
+    """A default as it would be written in params.yaml, on one line."""
+    if isinstance(value, list):  # e.g. select.candidates: a list of sections
         value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
     if isinstance(value, tuple):
         value = list(value)
