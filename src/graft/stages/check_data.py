@@ -86,7 +86,7 @@ def main(root: Path = Path("."), *, record: bool = False) -> str:
             "Nothing was pulled or run, and nothing under data/ was touched. To train on data/ "
             "as it is, record it: `dvc add data` (and commit data.dvc), or set "
             "flow.record_data: true in params.yaml. To go back to the recorded version "
-            "instead (this discards the changes above): `dvc checkout --force data.dvc`."
+            "instead (this discards the changes above): `dvc pull --force data.dvc`."
         )
     _dvc(paths.root, "add", "--quiet", "--no-relink", "data")
     return "recorded"
