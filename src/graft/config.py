@@ -72,6 +72,11 @@ class DataParams(_Section):
         description="1-5 images per class: the minimum becomes 1, every class keeps a train "
         "image, val may be empty, the head is a prototype or a regularised probe (fewshot.*)",
     )
+    invariances: list[Literal["hflip", "vflip", "rot90"]] = Field(
+        default_factory=list,
+        description="transformations that never change an image's class (none by default: a "
+        "digit is not flip-invariant, a satellite tile is): fine-tuning trains on them",
+    )
 
     @field_validator("test_fraction")
     @classmethod

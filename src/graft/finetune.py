@@ -154,6 +154,44 @@ def augment_transform(
     )
 
 
+class RandomInvariance:
+    """A random member of the group the declared invariances generate, applied to a PIL image.
+
+    ``hflip`` and ``vflip`` flip with probability 1/2 each; ``rot90`` turns by 0, 90, 180 or
+    270 degrees. All exact pixel permutations (no interpolation); drawn from Python's
+    ``random``, which fine-tuning seeds per epoch.
+    """
+
+    _ROTATIONS = (
+        None,
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_180,
+        Image.Transpose.ROTATE_270,
+    )
+
+    def __init__(self, invariances: Sequence[str]) -> None:
+        self.invariances = tuple(invariances)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if "hflip" in self.invariances and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if "vflip" in self.invariances and random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if "rot90" in self.invariances:
+            turn = random.choice(self._ROTATIONS)
+            if turn is not None:
+                image = image.transpose(turn)
+        return image
+
+
+def invariant_transform(
+    invariances: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """``transform`` after a random transformation the data is declared invariant to."""
+    draw = RandomInvariance(invariances)
+    return lambda image: transform(draw(image))
+
+
 def fingerprint(**parts: Any) -> str:
     """A stable hash of everything a run's result depends on (JSON-able values)."""
     text = json.dumps(parts, sort_keys=True, default=str)

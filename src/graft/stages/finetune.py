@@ -34,6 +34,7 @@ from graft.finetune import (
     check_schedule,
     finetune,
     fingerprint,
+    invariant_transform,
 )
 from graft.live_log import write_live_log
 from graft.numeric import softmax
@@ -77,6 +78,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             head=file_sha256(paths.head_model),
             images=rows[["path", "sha256", "label", "split"]].values.tolist(),
             spec={"backbone": spec.backbone, "weights": spec.weights_sha256 or spec.weights},
+            invariances=list(params.data.invariances),
         )
         result = finetune(
             model,
@@ -88,11 +90,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             spec.data_config["input_size"],
             settings,
             params.features.engine,
-            train_transform=(
-                augment_transform(spec.data_config, settings.augment)
-                if settings.augment.enabled
-                else None
-            ),
+            train_transform=train_transform(spec.data_config, settings, params.data.invariances),
             checkpoint_dir=checkpoint_dir(paths),
             config_id=config_id,
             on_epoch=_print_epoch,
@@ -139,6 +137,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "stopped": result.stopped,
             "resumed_at_epoch": result.resumed_at_epoch,
             "calibration": calibration,
+            "invariances": list(params.data.invariances),
         },
     )
     write_text_atomic(paths.plots / "finetune_history.csv", _history_csv(result.history))
@@ -166,6 +165,16 @@ def main(root: Path = Path(".")) -> FinetuneResult:
                 "estimate of the accuracy"
             )
     return result
+
+
+def train_transform(data_config, settings, invariances):
+    """timm's augmentation (``finetune.augment``) and/or a random transformation from the
+    declared ``data.invariances``; None (nothing random: the frozen prefix is computed once)
+    without either."""
+    base = augment_transform(data_config, settings.augment) if settings.augment.enabled else None
+    if not invariances:
+        return base
+    return invariant_transform(invariances, base or eval_transform(data_config))
 
 
 def _print_epoch(record: dict, _model) -> None:
