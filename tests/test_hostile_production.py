@@ -11,6 +11,7 @@ byte-identical (names, contents, modes, mtimes).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from graft.config import load_params
 from graft.errors import ExitCode
@@ -38,7 +40,7 @@ from graft.promotion import (
 )
 from graft.stages import validate
 from tests.conftest import data_unchanged, make_project, write_params
-from tests.fixtures.serving.server import DIGITS_MODEL
+from tests.fixtures.serving.server import DIGITS_MODEL, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -426,3 +428,129 @@ def test_a_production_folder_with_previous_onnx_keeps_it_as_a_version(project):
     assert [entry["sha256"] for entry in kept] == expected
     assert _rollback(project, to=kept[1]["version"]) == kept[1]["sha256"]
     assert (folder / "model.onnx").read_bytes() == current
+
+
+# --- item 2: one bound on the resized size, on both sides; no MemoryError escapes ---------------
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+LINES = {"1000x1": (1000, 1), "20000x1": (20000, 1), "1x20000": (1, 20000), "65535x8": (65535, 8)}
+
+
+def test_training_quarantines_images_whose_resize_would_cost_gigabytes(validated, tmp_path):
+    paths = ProjectPaths(shutil.copytree(validated.root, tmp_path / "project"))
+    for name, size in LINES.items():
+        (paths.data / "0" / f"line-{name}.png").write_bytes(png_of_size(*size))
+    (paths.data / "1" / "strip-20x1.png").write_bytes(png_of_size(400, 20))  # at the bound: ok
+    with data_unchanged(paths.data):
+        validate.main(paths.root)
+    from graft.data.manifest import read_manifest
+
+    manifest = read_manifest(paths.manifest).set_index("path")
+    for name in LINES:
+        row = manifest.loc[f"0/line-{name}.png"]
+        assert (row["status"], row["reason"]) == ("quarantined", "extreme_aspect_ratio")
+    assert manifest.loc["1/strip-20x1.png", "status"] == "ok"
+
+
+def test_the_bound_holds_in_both_preprocessings_even_without_the_loader():
+    """timm's eval transform (training, export, promotion) and serving's NumPy copy refuse an
+    out-of-proportion image handed to them directly, before resizing it."""
+    from graft.data.images import ImageRejected
+    from graft.export import read_metadata
+    from graft.preprocessing import eval_transform
+    from graft.serving.model import Preprocessing
+
+    config = read_metadata(DIGITS_MODEL)["preprocessing"]
+    line = Image.new("RGB", (20000, 1))
+    for preprocess in (eval_transform(config), Preprocessing.from_config(config)):
+        with pytest.raises(ImageRejected) as refused:
+            preprocess(line)
+        assert refused.value.reason == "extreme_aspect_ratio"
+        assert tuple(preprocess(Image.new("RGB", (400, 20))).shape) == tuple(config["input_size"])
+
+
+def test_memory_running_out_is_a_refused_image_never_a_memory_error(monkeypatch):
+    from graft.data.images import ImageRejected, decode_image
+    from graft.export import read_metadata
+    from graft.preprocessing import eval_transform
+    from graft.serving.model import Preprocessing
+
+    digit = png_of_size(16, 16)
+    config = read_metadata(DIGITS_MODEL)["preprocessing"]
+    preprocessings = (eval_transform(config), Preprocessing.from_config(config))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "load", out_of_memory)
+        with pytest.raises(ImageRejected, match="too_many_pixels: not enough memory"):
+            decode_image(digit)
+    image = decode_image(digit).image
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "resize", out_of_memory)
+        for preprocess in preprocessings:
+            with pytest.raises(ImageRejected, match="too_many_pixels: not enough memory"):
+                preprocess(image)
+
+
+def test_graft_serve_answers_the_gigabyte_lines_with_a_4xx_and_keeps_serving():
+    with running_server(DIGITS_MODEL, "--reload-interval", "0") as server:
+        for name, size in LINES.items():
+            response = httpx.post(
+                f"{server.url}/predict",
+                content=png_of_size(*size),
+                headers={"content-type": "image/png"},
+                timeout=60,
+            )
+            assert response.status_code == 400, (name, response.text)
+            assert response.json()["detail"]["reason"] == "extreme_aspect_ratio"
+        good = httpx.post(
+            f"{server.url}/predict",
+            content=png_of_size(400, 20),
+            headers={"content-type": "image/png"},
+            timeout=60,
+        )
+        assert good.status_code == 200 and server.process.poll() is None
+
+
+def test_graft_predict_reports_a_file_it_may_not_read_as_permission_denied():
+    folder = Path(tempfile.mkdtemp(prefix="graft-predict-"))
+    try:
+        folder.chmod(0o755)
+        readable, private = folder / "readable.png", folder / "private.png"
+        readable.write_bytes(png_of_size(16, 16))
+        private.write_bytes(png_of_size(16, 16))
+        private.chmod(0o600 if os.geteuid() == 0 else 0o000)  # root's file, or no one's
+        output = folder / "out"
+        output.mkdir(mode=0o777)
+        output.chmod(0o777)
+        result = subprocess.run(
+            as_another_user(
+                [
+                    *GRAFT_MODULE,
+                    "predict",
+                    str(DIGITS_MODEL),
+                    str(folder),
+                    "-o",
+                    str(output / "p.json"),
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
+        assert result.returncode == 0, result.stderr
+        rows = {Path(row["path"]).name: row for row in json.loads((output / "p.json").read_text())}
+        assert rows["private.png"]["error"]["reason"] == "permission_denied"
+        assert "Permission denied" in rows["private.png"]["error"]["detail"]
+        assert rows["readable.png"]["error"] is None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

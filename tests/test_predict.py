@@ -8,12 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.fixtures.serving.server import (
     DIGITS_MODEL,
@@ -118,6 +120,7 @@ def test_without_output_the_csv_goes_to_standard_output_and_named_files_are_alwa
     [
         (("{tmp}/missing",), "missing does not exist"),
         (("{images}", "-o", "{tmp}/out.txt"), "must end in .csv or .json"),
+        (("{images}", "-o", "{tmp}"), "is a folder: give the file to write"),
     ],
 )
 def test_unusable_arguments_stop_with_a_message_naming_them(tmp_path, args, message):
@@ -140,3 +143,62 @@ def test_a_model_that_cannot_be_used_stops_with_a_message(tmp_path):
         assert result.returncode == exit_code, model
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "p.json").exists()
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_hostile_entries_in_a_folder_are_rows_with_their_reason_and_the_rest_is_predicted(
+    tmp_path,
+):
+    """Lines that would resize to gigabytes, links to nothing, a loop of links and a FIFO named
+    like an image: each is a row with its reason; nothing hangs, nothing is skipped."""
+    folder = tmp_path / "images"
+    shutil.copytree(IMAGES / "3", folder)
+    (folder / "line-1000x1.png").write_bytes(png_of_size(1000, 1))  # 75 bytes
+    (folder / "line-1x20000.png").write_bytes(png_of_size(1, 20000))
+    (folder / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "fifo.png")
+    output = tmp_path / "p.json"
+
+    result = graft_predict(DIGITS_MODEL, folder, "-o", output)
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["path"]).name: row for row in json.loads(output.read_text())}
+    reasons = {name: row["error"]["reason"] for name, row in rows.items() if row["error"]}
+    assert reasons == {
+        "line-1000x1.png": "extreme_aspect_ratio",
+        "line-1x20000.png": "extreme_aspect_ratio",
+        "broken.png": "broken_symlink",
+        "loop.png": "broken_symlink",
+        "fifo.png": "not_a_regular_file",
+    }
+    assert "1000x1 is 1000:1" in rows["line-1000x1.png"]["error"]["detail"]
+    predicted = [row for row in rows.values() if row["error"] is None]
+    assert len(predicted) == len(list((IMAGES / "3").iterdir())) > 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes(tmp_path, suffix):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    name = b"caf\xe9-\xff.png"  # Latin-1, as old cameras and Windows shares name files
+    (Path(os.fsdecode(folder)) / os.fsdecode(name)).write_bytes(sample_images()[0].read_bytes())
+    output = tmp_path / f"p{suffix}"
+    result = graft_predict(DIGITS_MODEL, folder, "-o", output)
+    assert result.returncode == 0, result.stderr
+    if suffix == ".csv":
+        (row,) = list(
+            csv.DictReader(io.StringIO(output.read_bytes().decode(errors="surrogateescape")))
+        )
+    else:
+        (row,) = json.loads(output.read_text())
+    assert os.fsencode(row["path"]) == os.fsencode(folder) + b"/" + name
+    assert row["error"] in ("", None) and row["label"] in {str(d) for d in range(10)}
+    stdout = subprocess.run(
+        [*GRAFT, "predict", str(DIGITS_MODEL), str(folder)], capture_output=True, timeout=120
+    )
+    assert stdout.returncode == 0 and b"/" + name + b"," in stdout.stdout

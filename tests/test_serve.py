@@ -282,7 +282,7 @@ def _odd_images() -> dict[str, bytes]:
         "black": png_bytes(Image.new("RGB", (64, 64), 0)),
         "white": png_bytes(Image.new("RGB", (64, 64), (255, 255, 255))),
         "one pixel": png_bytes(Image.new("L", (1, 1), 7)),
-        "a line": png_bytes(Image.new("RGB", (999, 1), (3, 200, 90))),
+        "a thin strip": png_bytes(Image.new("RGB", (400, 20), (3, 200, 90))),  # 20:1, the bound
         "noise": png_bytes(Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))),
         "16-bit grey": png_bytes(sixteen_bit),
         "transparent": png_bytes(transparent),

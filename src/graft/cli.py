@@ -366,7 +366,14 @@ def predict(
     from collections import Counter
 
     from graft.serving.model import load_model
-    from graft.serving.predict import collect_images, output_format, predict_files, render
+    from graft.serving.predict import (
+        collect_images,
+        encoded,
+        output_format,
+        predict_files,
+        render,
+        write_predictions,
+    )
 
     with _reported("predict"):
         output_format(output)
@@ -374,13 +381,10 @@ def predict(
         served = load_model(model)
         k = min(top_k, len(served.labels))
         rows = predict_files(served, files, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
-        text = render(rows, output_format(output), k)
         if output is None:
-            typer.echo(text, nl=False)
+            typer.echo(encoded(render(rows, "csv", k)), nl=False)
         else:
-            from graft.files import write_text_atomic
-
-            write_text_atomic(output, text)
+            write_predictions(rows, output, k)
     errors = Counter(row.error.reason for row in rows if row.error is not None)
     listed = ", ".join(f"{reason}: {count}" for reason, count in sorted(errors.items()))
     typer.echo(

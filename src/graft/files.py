@@ -1,4 +1,5 @@
-"""Small file helpers: every write goes to a temporary name first, then is renamed into place."""
+"""Small file helpers: every write goes to a temporary name first, then is renamed into place;
+reads open only regular files."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from graft.errors import MissingInputError
 
@@ -53,6 +55,27 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class NotARegularFile(OSError):
+    """The path is a FIFO, socket or device now, whatever it was when the folder was listed."""
+
+
+@contextmanager
+def open_regular_file(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading without ever blocking: a FIFO put there after the folder was
+    listed is refused (O_NONBLOCK, then fstat) instead of waiting for a writer forever.
+
+    Raises:
+        NotARegularFile: for a FIFO, socket or device.
+        OSError: as ``open`` does (missing, a broken link, permission denied, ...).
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise NotARegularFile(path)
+    with os.fdopen(descriptor, "rb") as file:
+        yield file
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,12 @@ import timm.data
 import torch
 from PIL import Image
 
-from graft.data.images import ImageRejected, decode_image
+from graft.data.images import (
+    ImageRejected,
+    check_resize_bound,
+    decode_image,
+    keep_ratio_pixels,
+)
 from graft.errors import InputError
 
 ImageSource = Path | bytes  # a file, or its bytes (shipped to a remote worker)
@@ -21,12 +28,33 @@ class UnreadableImageError(InputError):
 
 
 def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's evaluation transform (resize, centre crop, normalise) for ``data_config``."""
+    """timm's evaluation transform (resize, centre crop, normalise) for ``data_config``, behind
+    the loader's resize bound (:func:`graft.data.images.check_resize_bound`)."""
     config = {
         key: tuple(value) if isinstance(value, list) else value
         for key, value in data_config.items()
     }
-    return timm.data.create_transform(**config, is_training=False)
+    transform = timm.data.create_transform(**config, is_training=False)
+    crop_pct = config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
+    shorter_side = math.floor(max(config["input_size"][1:]) / crop_pct)
+    return BoundedTransform(transform, shorter_side)
+
+
+@dataclass(frozen=True)
+class BoundedTransform:
+    """A transform that refuses (``ImageRejected``) what it would resize out of proportion, and
+    turns running out of memory into a refusal of that image, never a crash of the run."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    shorter_side: int  # what the transform resizes the image's shorter side to, at most
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        check_resize_bound(width, height, keep_ratio_pixels(width, height, self.shorter_side))
+        try:
+            return self.transform(image)
+        except MemoryError:
+            raise ImageRejected("too_many_pixels", "not enough memory to preprocess it") from None
 
 
 def load_rgb(source: ImageSource) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
     {".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".psd", ".ico", ".ppm", ".pgm"}
     | {".pbm", ".tga", ".dds", ".eps", ".raw", ".dng", ".cr2", ".nef", ".arw", ".orf", ".exr"}
 )
+
+
+# The eval transforms (timm's, and serving's copy of it in graft.serving.model) scale an image's
+# shorter side to the model's size and keep its aspect ratio, so a 20000x1 PNG of 101 bytes
+# would become 5,120,000x256 pixels before the centre crop. One bound, checked from the header
+# before anything is decoded and again before any resize, keeps that in proportion everywhere.
+MAX_ASPECT_RATIO = 20.0
+MAX_RESIZED_PIXELS = 16_000_000
 
 
 class ImageRejected(ValueError):
@@ -66,7 +75,8 @@ def decode_image(
     Raises:
         ImageRejected: with reason ``empty``, ``not_an_image``, ``unsupported_format`` (an
             image, but not one of ``SUPPORTED_FORMATS`` or in a pixel mode that has no RGB
-            form), ``too_many_pixels``, ``truncated``, or ``too_small``.
+            form), ``too_many_pixels`` (also when memory runs out), ``extreme_aspect_ratio``
+            (:func:`check_resize_bound`), ``truncated``, or ``too_small``.
     """
     if isinstance(source, bytes):
         size, opened = len(source), io.BytesIO(source)
@@ -85,6 +95,7 @@ def decode_image(
                     raise ImageRejected(
                         "too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}"
                     )
+                check_resize_bound(width, height)
                 file_format, file_mode = image.format or "", image.mode
                 image.load()
                 oriented = ImageOps.exif_transpose(image)
@@ -92,12 +103,16 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
+    except MemoryError:
+        raise ImageRejected("too_many_pixels", "not enough memory to decode it") from None
     except Image.UnidentifiedImageError:
         raise _unidentified(opened) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected("truncated", f"decode failed: {exc}") from None
     try:
         rgb = _to_rgb(oriented)
+    except MemoryError:
+        raise ImageRejected("too_many_pixels", "not enough memory to convert it to RGB") from None
     except (OSError, ValueError) as exc:
         raise ImageRejected("unsupported_format", f"pixel mode {file_mode}: {exc}") from None
     if min(rgb.size) < min_size:
@@ -105,6 +120,45 @@ def decode_image(
             "too_small", f"{rgb.size[0]}x{rgb.size[1]} is under min_size={min_size}"
         )
     return DecodedImage(image=rgb, format=file_format, mode=file_mode)
+
+
+def check_resize_bound(width: int, height: int, resized_pixels: int | None = None) -> None:
+    """Refuse an image whose resize to a model's input would cost far more than the image.
+
+    The one bound of the training loader and of serving: at most ``MAX_ASPECT_RATIO`` (20:1),
+    and, where the size of the resize is known, at most ``MAX_RESIZED_PIXELS`` after it. For a
+    224-pixel model (resized to 256 on its shorter side) the first alone caps a resized image
+    at 256 x 5,120 pixels.
+
+    Args:
+        width, height: the image's size, as its header gives it.
+        resized_pixels: width x height after the resize, when the caller knows it.
+
+    Raises:
+        ImageRejected: ``extreme_aspect_ratio`` or ``too_many_pixels``.
+    """
+    if min(width, height) < 1:
+        return  # nothing to resize; the loader's min_size reports it
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageRejected(
+            "extreme_aspect_ratio",
+            f"{width}x{height} is {ratio:.0f}:1, beyond {MAX_ASPECT_RATIO:g}:1: resizing its "
+            "shorter side to the model's input would make it that many times longer; crop it",
+        )
+    if resized_pixels is not None and resized_pixels > MAX_RESIZED_PIXELS:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"{width}x{height} resized for the model would be {resized_pixels:,} pixels, "
+            f"beyond {MAX_RESIZED_PIXELS:,}",
+        )
+
+
+def keep_ratio_pixels(width: int, height: int, shorter_side: int) -> int:
+    """Pixels of ``width`` x ``height`` resized to ``shorter_side`` on its shorter side, the
+    aspect ratio kept (torchvision's ``Resize(int)``, rounding up)."""
+    ratio = max(width, height) / max(1, min(width, height))
+    return shorter_side * math.ceil(shorter_side * ratio)
 
 
 def load_image(path: str | Path, *, min_size: int = 1, max_pixels: int = 40_000_000) -> Image.Image:

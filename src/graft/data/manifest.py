@@ -14,12 +14,10 @@ import functools
 import hashlib
 import io
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import pandas as pd
 from PIL import ImageStat
@@ -29,7 +27,7 @@ from graft.data.images import ImageRejected, decode_image
 from graft.data.layout import NOT_A_REGULAR_FILE, ImageFile, Layout, discover_images
 from graft.data.splits import assign_split, split_position
 from graft.errors import InputError
-from graft.files import write_text_atomic
+from graft.files import NotARegularFile, open_regular_file, write_text_atomic
 from graft.progress import progress
 
 MANIFEST_COLUMNS = (
@@ -91,7 +89,8 @@ def build_manifest(
     """Decode every image under ``data_dir`` and describe it in one manifest row.
 
     A file that cannot be used is quarantined with its reason (``empty``, ``not_an_image``,
-    ``unsupported_format``, ``truncated``, ``too_small``, ``too_many_pixels``, ``unreadable``,
+    ``unsupported_format``, ``truncated``, ``too_small``, ``too_many_pixels``,
+    ``extreme_aspect_ratio``, ``unreadable``,
     ``symlink_outside_data``, ``broken_symlink``, ``not_a_regular_file``, ``too_large``,
     ``undecodable_name``). Only
     regular files are opened, and each is streamed (hashed in chunks, decoded by Pillow as it
@@ -180,22 +179,6 @@ def _describe(image: ImageFile, params: DataParams) -> dict:
         "brightness": round(ImageStat.Stat(decoded.image.convert("L")).mean[0], 2),
         "status": "ok",
     }
-
-
-class NotARegularFile(OSError):
-    """The path is a FIFO, socket or device now, whatever it was when the folder was listed."""
-
-
-@contextmanager
-def open_regular_file(path: Path) -> Iterator[BinaryIO]:
-    """Open ``path`` for reading without ever blocking: a FIFO put there after the folder was
-    listed is refused (O_NONBLOCK, then fstat) instead of waiting for a writer forever."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise NotARegularFile(path)
-    with os.fdopen(descriptor, "rb") as file:
-        yield file
 
 
 def _split_of(image: ImageFile, sha256: str, params: DataParams, has_val_folder: bool) -> str:

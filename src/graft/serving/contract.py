@@ -78,7 +78,11 @@ def _errors(*cases: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 
 
 PREDICT_ERRORS = _errors(
-    (400, "empty, not_an_image, truncated, unsupported_format, too_small, empty_batch"),
+    (
+        400,
+        "empty, not_an_image, truncated, unsupported_format, too_small, extreme_aspect_ratio, "
+        "empty_batch",
+    ),
     (408, "body_timeout: the body took longer than --body-timeout"),
     (413, "body_too_large, too_many_pixels, batch_too_large"),
     (415, "unsupported_media_type"),

@@ -16,13 +16,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from graft.data.images import decode_image
+from graft.data.images import ImageRejected, check_resize_bound, decode_image
 from graft.errors import GraftError, InputError
 from graft.model_metadata import decode_metadata
 from graft.numeric import softmax
@@ -129,15 +129,25 @@ class Preprocessing:
         }
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """One RGB image as a normalised ``(3, height, width)`` float32 array."""
+        """One RGB image as a normalised ``(3, height, width)`` float32 array.
+
+        Raises:
+            graft.data.images.ImageRejected: when the resize would be out of proportion
+                (:func:`graft.data.images.check_resize_bound`) or memory runs out.
+        """
         _, height, width = self.input_size
         # timm: scale_size = floor(size / crop_pct), then torchvision's Resize and CenterCrop.
         scale_h, scale_w = math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
-        resized = image.resize(self._resized_size(image.size, scale_h, scale_w), self._filter)
-        pixels = _center_crop(np.asarray(resized, dtype=np.uint8), height, width)
-        scaled = pixels.astype(np.float32) / np.float32(255)
-        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+        size = self._resized_size(image.size, scale_h, scale_w)
+        check_resize_bound(*image.size, resized_pixels=size[0] * size[1])
+        try:
+            resized = image.resize(size, self._filter)
+            pixels = _center_crop(np.asarray(resized, dtype=np.uint8), height, width)
+            scaled = pixels.astype(np.float32) / np.float32(255)
+            mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+            return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+        except MemoryError:
+            raise ImageRejected("too_many_pixels", "not enough memory to preprocess it") from None
 
     @property
     def _filter(self) -> Image.Resampling:
@@ -310,8 +320,10 @@ def load_model(path: str | Path, *, threads: int | None = None) -> ServedModel:
     )
 
 
-def decode(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file or its bytes exactly as training does.
+def decode(
+    source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode an image file (a path or an open file) or its bytes exactly as training does.
 
     Raises:
         graft.data.images.ImageRejected: with the same reasons training quarantines files for.

@@ -15,16 +15,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from graft.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, ImageRejected
+from graft.data.layout import BROKEN_SYMLINK, NOT_A_REGULAR_FILE
 from graft.errors import InputError
-from graft.files import write_text_atomic
+from graft.files import NotARegularFile, open_regular_file, replacing
 from graft.progress import progress
 from graft.serving.limits import DEFAULT_MAX_PIXELS
 from graft.serving.model import Prediction, ServedModel, decode
@@ -58,8 +61,9 @@ class PredictionRow:
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     """The files named, and every image file under the folders named (recursively, sorted).
 
-    A file named explicitly is always attempted, whatever its extension; in folders, files
-    with an image extension are (hidden files are skipped).
+    A file named explicitly is always attempted, whatever its extension; in folders, entries
+    with an image extension are (hidden ones are skipped), including broken links and FIFOs,
+    so that each becomes a row with its error rather than vanishing from the table.
 
     Raises:
         PredictInputError: naming a path that does not exist.
@@ -67,20 +71,28 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out.extend(
-                sorted(
-                    found
-                    for found in path.rglob("*")
-                    if found.is_file()
-                    and found.suffix.lower() in FOLDER_EXTENSIONS
-                    and not any(part.startswith(".") for part in found.relative_to(path).parts)
-                )
-            )
-        elif path.exists():
+            out.extend(sorted(_images_below(path)))
+        elif path.exists() or path.is_symlink():
             out.append(path)
         else:
             raise PredictInputError(f"{path} does not exist: give image files or folders.")
     return out
+
+
+def _images_below(folder: Path) -> Iterator[Path]:
+    """Every non-folder entry with an image extension below ``folder``, following links to
+    folders once each (a link back up the tree would never end)."""
+    seen: set[str] = set()
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in FOLDER_EXTENSIONS:
+                yield Path(directory, name)
 
 
 def predict_files(
@@ -106,18 +118,10 @@ def predict_files(
             results: list[PredictionRow | int] = []
             for path in chunk:
                 try:
-                    if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:  # as validation does
-                        raise ImageRejected(
-                            "unsupported_format",
-                            f"{path.suffix} images are not supported: convert to PNG or JPEG",
-                        )
-                    arrays.append(model.preprocess(decode(path, max_pixels)))
+                    arrays.append(model.preprocess(_decode_file(path, max_pixels)))
                     results.append(len(arrays) - 1)
                 except ImageRejected as exc:
                     results.append(PredictionRow(str(path), error=exc))
-                except OSError as exc:  # unreadable: permissions, a file vanished meanwhile
-                    rejected = ImageRejected("unreadable", str(exc))
-                    results.append(PredictionRow(str(path), error=rejected))
             predictions = model.classify(np.stack(arrays), top_k) if arrays else []
             for path, result in zip(chunk, results, strict=True):
                 if isinstance(result, int):
@@ -131,6 +135,30 @@ def predict_files(
     return rows
 
 
+def _decode_file(path: Path, max_pixels: int) -> Image.Image:
+    """Decode one file as training does, only ever opening a regular file.
+
+    Raises:
+        ImageRejected: the loader's reasons, and ``broken_symlink``, ``not_a_regular_file``
+            (a FIFO, socket or device: never read), ``permission_denied`` or ``unreadable``.
+    """
+    if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:  # as validation does
+        raise ImageRejected(
+            "unsupported_format", f"{path.suffix} images are not supported: convert to PNG or JPEG"
+        )
+    try:
+        with open_regular_file(path) as file:
+            return decode(file, max_pixels)
+    except NotARegularFile:
+        raise ImageRejected(NOT_A_REGULAR_FILE, "a FIFO, socket or device: not read") from None
+    except PermissionError as exc:
+        raise ImageRejected("permission_denied", str(exc)) from None
+    except OSError as exc:  # a link to nothing (or a loop of links), a file gone meanwhile
+        if path.is_symlink() and not path.exists():
+            raise ImageRejected(BROKEN_SYMLINK, f"the link leads to nothing: {exc}") from None
+        raise ImageRejected("unreadable", str(exc)) from None
+
+
 def output_format(output: Path | None) -> str:
     """``csv`` or ``json`` from the output's suffix (CSV on standard output when None).
 
@@ -139,6 +167,10 @@ def output_format(output: Path | None) -> str:
     """
     if output is None:
         return "csv"
+    if output.is_dir():
+        raise PredictInputError(
+            f"{output} is a folder: give the file to write, e.g. {output / 'predictions.csv'}."
+        )
     suffix = output.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise PredictInputError(
@@ -170,6 +202,13 @@ def render(rows: Sequence[PredictionRow], fmt: str, top_k: int) -> str:
     return buffer.getvalue()
 
 
+def encoded(text: str) -> bytes:
+    """The table's bytes: UTF-8, and a file name that is not UTF-8 keeps its own bytes (the
+    ``surrogateescape`` Python decoded it with), so each row names the file as the disk does."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def write_predictions(rows: Sequence[PredictionRow], output: Path, top_k: int) -> None:
     """Write the table to ``output`` (temporary file, then rename); the suffix picks the format."""
-    write_text_atomic(output, render(rows, output_format(output), top_k))
+    with replacing(output) as temporary:
+        temporary.write_bytes(encoded(render(rows, output_format(output), top_k)))
