@@ -117,9 +117,10 @@ def test_deployed_flow_runs_on_a_worker_without_overlapping_and_leaves_dvc_clean
     remote = tmp_path / "dvc-remote"
     dvc(paths.root, "remote", "add", "--local", "--default", "local", str(remote))
 
-    stack.cli("work-pool", "create", "graft", "--type", "process", cwd=paths.root)
+    for pool in ("graft", "gpu"):  # gpu: prefect.yaml's fine-tuning deployment (test_work_pools)
+        stack.cli("work-pool", "create", pool, "--type", "process", cwd=paths.root)
     stack.cli("--no-prompt", "deploy", "--all", cwd=paths.root)
-    (deployment,) = stack.post("/deployments/filter", {})
+    (deployment,) = [d for d in stack.post("/deployments/filter", {}) if d["name"] == "nightly"]
     assert deployment["name"] == "nightly" and deployment["work_pool_name"] == "graft"
     (schedule,) = deployment["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * *"
