@@ -135,7 +135,8 @@ def check_data(project_dir: Path, record: bool) -> str:
         "untracked": "No data.dvc: data/ is not versioned by DVC (`dvc add data` versions it).",
         "absent": "data/ is empty: dvc pull brings the version data.dvc records.",
         "unchanged": "data/ is the version data.dvc records.",
-        "recorded": "data/ differed from data.dvc: recorded (flow.record_data: true).",
+        "recorded": "data/ differed from data.dvc: recorded (flow.record_data: true); "
+        "commit data.dvc to keep this version.",
     }
     get_run_logger().info(messages[found])
     return found
