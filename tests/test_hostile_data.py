@@ -196,3 +196,13 @@ def test_a_16_bit_big_endian_tiff_is_read_like_its_little_endian_twin(tmp_path: 
     big, little = (np.asarray(decoded[mode].image) for mode in ("I;16B", "I;16"))
     assert np.array_equal(big, little)
     assert np.array_equal(big[..., 0], (samples >> 8).astype(np.uint8))  # full range kept
+
+
+def test_dvc_own_links_into_its_cache_are_versioned_data_not_a_problem(dvc_project):
+    dvc(dvc_project.root, "config", "cache.type", "symlink")
+    dvc(dvc_project.root, "checkout", "--relink", "--quiet", "data.dvc")  # the user's own choice
+    assert (dvc_project.data / "0" / "digit_0000.png").is_symlink()
+    with data_unchanged(dvc_project.data):
+        result = graft(dvc_project.root, "check-data")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "data/: unchanged" in result.stdout

@@ -106,7 +106,7 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     top_folders = _visible_folders(data_dir)
     kind = _detect_kind(data_dir, top_folders)
     if link_roots is None:
-        link_roots = _dvc_cache_dirs(data_dir)
+        link_roots = dvc_cache_dirs(data_dir)
     roots = tuple(Path(os.path.realpath(root)) for root in (data_dir, *link_roots))
     images: list[ImageFile] = []
     ignored: list[IgnoredFile] = []
@@ -135,7 +135,8 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     )
 
 
-def _dvc_cache_dirs(data_dir: Path) -> list[Path]:
+def dvc_cache_dirs(data_dir: Path) -> list[Path]:
+    """The enclosing DVC project's cache, which DVC may link the data's files into."""
     for folder in Path(data_dir).resolve().parents:
         if (folder / ".dvc").is_dir():
             return [folder / ".dvc" / "cache"]

@@ -21,6 +21,7 @@ from graft.data.layout import (
     BROKEN_SYMLINK,
     NOT_A_REGULAR_FILE,
     SYMLINK_OUTSIDE_DATA,
+    dvc_cache_dirs,
     printable_name,
 )
 
@@ -47,31 +48,35 @@ def find_unversionable(data_dir: Path) -> list[Unversionable]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         return []
-    root = Path(os.path.realpath(data_dir))
+    # DVC's own links into its cache (cache.type symlink) are versioned data, not a problem.
+    roots = tuple(Path(os.path.realpath(root)) for root in (data_dir, *dvc_cache_dirs(data_dir)))
     found: list[Unversionable] = []
-    _scan(data_dir, data_dir, root, found)
+    _scan(data_dir, data_dir, roots, found)
     return sorted(found, key=lambda entry: entry.relative)
 
 
-def _scan(directory: Path, data_dir: Path, root: Path, found: list[Unversionable]) -> None:
+def _scan(
+    directory: Path, data_dir: Path, roots: tuple[Path, ...], found: list[Unversionable]
+) -> None:
     with os.scandir(directory) as entries:
         listed = list(entries)
     for entry in listed:
         path = Path(entry.path)
-        problem = _problem(path, root)
+        problem = _problem(path, roots)
         if problem:
             relative = printable_name(path.relative_to(data_dir).as_posix())
             found.append(Unversionable(relative, problem))
         elif entry.is_dir(follow_symlinks=False):
-            _scan(path, data_dir, root, found)
+            _scan(path, data_dir, roots, found)
 
 
-def _problem(path: Path, root: Path) -> str:
+def _problem(path: Path, roots: tuple[Path, ...]) -> str:
     try:
         info = path.stat()  # follows links, as DVC does
     except OSError as exc:
         return SYMLINK_LOOP if exc.errno == errno.ELOOP else BROKEN_SYMLINK
-    if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+    target = Path(os.path.realpath(path))
+    if path.is_symlink() and not any(target.is_relative_to(root) for root in roots):
         return SYMLINK_OUTSIDE_DATA
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
         return NOT_A_REGULAR_FILE
