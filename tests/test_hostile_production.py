@@ -40,7 +40,7 @@ from graft.promotion import (
 )
 from graft.stages import validate
 from tests.conftest import data_unchanged, make_project, write_params
-from tests.fixtures.serving.server import DIGITS_MODEL, running_server
+from tests.fixtures.serving.server import DIGITS_MODEL, free_port, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -156,7 +156,7 @@ def test_promoted_files_have_the_umask_mode_and_another_user_serves_them(shared_
     assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {oct(0o644)}
 
     # The documented serving container: another uid, the folder mounted read-only.
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         as_another_user(
             [*GRAFT_MODULE, "serve", str(production(paths) / "model.onnx"), "--port", str(port)]
@@ -193,7 +193,7 @@ def test_a_reload_the_server_cannot_read_is_reported_in_metadata(shared_project)
     model.parent.mkdir(parents=True)
     shutil.copyfile(DIGITS_MODEL, model)
     model.chmod(0o644)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         as_another_user(
             [*GRAFT_MODULE, "serve", str(model), "--port", str(port), "--reload-interval", "0.2"]
@@ -223,12 +223,6 @@ def test_a_reload_the_server_cannot_read_is_reported_in_metadata(shared_project)
     finally:
         server.kill()
         server.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _ready(port: int) -> bool:
