@@ -73,7 +73,7 @@ $(SERVE_STAMP): pyproject.toml
 	touch $@
 
 test-serve: $(SERVE_STAMP)  ## server and predict tests in .venv-serve: the serve extra alone, no torch
-	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_serve_ops.py tests/test_serve_v2.py tests/test_predict.py
+	GRAFT_SERVE_ONLY_VENV=1 $(SERVE_VENV)/bin/python -m pytest tests/test_serve.py tests/test_serve_int8.py tests/test_serve_ops.py tests/test_serve_v2.py tests/test_predict.py
 
 test-fast: $(STAMP)  ## the quick tests only (tiny models, no real weights)
 	$(PYTEST) -m "not slow"

@@ -47,7 +47,9 @@ def card(
         labels=["cat", "dog"],
     )
     metadata = {"candidate": candidate, "data_version": "d1", "git_revision": "g1"}
-    return model_card_markdown(spec, metadata, METRICS, Parity(20, 1e-6, 1.0), None, head, probe)
+    return model_card_markdown(
+        spec, metadata, METRICS, Parity(20, 1e-6, 1e-7, 1.0), None, head, probe
+    )
 
 
 def architecture_line(text: str) -> str:

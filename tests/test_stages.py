@@ -161,8 +161,8 @@ def test_failing_gate_refuses_export_and_writes_no_model(tiny_project):
 def test_failed_parity_leaves_the_previous_model_in_place(tiny_project):
     run_until(tiny_project, "export")
     good = tiny_project.onnx_model.read_bytes()
-    write_params(tiny_project.root, {"export": {"parity_max_abs_logit": 1e-15}})
-    assert load_params(tiny_project.params).export.parity_max_abs_logit == 1e-15
+    write_params(tiny_project.root, {"export": {"parity_max_relative_logit": 1e-15}})
+    assert load_params(tiny_project.params).export.parity_max_relative_logit == 1e-15
     with pytest.raises(ExportRefused, match="parity failed"):
         export.main(tiny_project.root)
     assert tiny_project.onnx_model.read_bytes() == good

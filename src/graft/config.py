@@ -303,23 +303,42 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    """Read by ``export``: the ONNX file and its parity check."""
+    """Read by ``export``: the ONNX file, its parity check, the INT8 and uint8-input variants."""
 
     opset: int = Field(17, ge=13, description="ONNX opset of the export")
-    parity_max_abs_logit: float = Field(
-        1e-4, gt=0.0, description="largest |logit difference| ONNX vs torch on the test images"
+    parity_max_relative_logit: float = Field(
+        1e-4,
+        gt=0.0,
+        description="largest |logit difference| ONNX vs torch on a test image, over that "
+        "image's largest |logit| (at least 1): float error grows with the logits",
     )
     parity_min_top1_agreement: float = Field(
         1.0, ge=0.0, le=1.0, description="share of test images on which ONNX and torch agree"
+    )
+    preprocess_in_graph: bool = Field(
+        True,
+        description="also write models/portable/model.onnx: uint8 NHWC input at the model's "
+        "size, normalisation inside the graph (checked against the float model on test)",
     )
     int8: bool = Field(
         True, description="also quantize the model (static QDQ) and keep it if accurate enough"
     )
     int8_calibration_images: int = Field(
-        128, ge=1, description="training images the INT8 model is calibrated on"
+        128, ge=1, description="training images the INT8 model is calibrated on (every class)"
+    )
+    int8_calibration_methods: list[Literal["minmax", "percentile", "entropy"]] = Field(
+        default_factory=lambda: ["minmax", "percentile", "entropy"],
+        min_length=1,
+        description="activation-range methods tried; the one agreeing best with fp32 on val wins",
     )
     int8_max_accuracy_drop: float = Field(
-        0.01, ge=0.0, le=1.0, description="INT8 is kept only within this much test accuracy of fp32"
+        0.005,
+        ge=0.0,
+        le=1.0,
+        description="INT8 is kept only within this much accuracy of fp32 on val and on test",
+    )
+    int8_min_top1_agreement: float = Field(
+        0.99, ge=0.0, le=1.0, description="... and when it agrees with fp32 on this share of test"
     )
 
 

@@ -35,7 +35,7 @@ from graft.feature_cache import EmbeddingKey, FeatureCache, Precision
 from graft.features import FeatureSet, forward_in_batches, iter_batch_outputs
 from graft.preprocessing import ImageSource, eval_transform, load_tensor_batch
 from graft.progress import progress
-from graft.quantize import quantize_static_qdq
+from graft.quantize import calibration_sample, quantize_static_qdq
 
 
 class EmbeddingError(GraftError):
@@ -271,12 +271,15 @@ def compute_shard(spec: EngineSpec, sources: Sequence[ImageSource]) -> np.ndarra
 def _calibration(
     rows: pd.DataFrame, data_dir: Path, data_config: dict[str, Any], params: FeaturesParams
 ) -> Callable[[], Iterator[np.ndarray]]:
-    """Batches of training images (the first by content hash, a stable choice) for INT8."""
+    """Batches of training images for INT8: every class in proportion (graft.quantize)."""
 
     def batches() -> Iterator[np.ndarray]:
         train = rows[rows["split"] == "train"]
-        chosen = (train if len(train) else rows).sort_values("sha256")
-        paths = [Path(data_dir) / p for p in chosen["path"][: params.int8_calibration_images]]
+        pool = train if len(train) else rows
+        chosen = calibration_sample(
+            pool["label"].to_numpy(), pool["sha256"].to_numpy(), params.int8_calibration_images
+        )
+        paths = [Path(data_dir) / p for p in pool["path"].to_numpy()[chosen]]
         transform = eval_transform(data_config)
         for start in range(0, len(paths), params.batch_size):
             yield load_tensor_batch(paths[start : start + params.batch_size], transform).numpy()

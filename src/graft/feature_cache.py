@@ -32,6 +32,9 @@ from graft.files import replacing, write_json, write_text_atomic
 
 Precision = Literal["fp32", "int8"]
 CACHE_FORMAT = "graft.feature_cache/1"
+# The INT8 engine's recipe (graft.quantize): a new recipe gives INT8 embeddings a new key, so a
+# cache quantized the old way is not reused. 2: constant padding, class-stratified calibration.
+INT8_RECIPE = 2
 
 
 class CorruptShardWarning(UserWarning):
@@ -56,9 +59,10 @@ class EmbeddingKey:
     precision: Precision = "fp32"
 
     def digest(self) -> str:
-        canonical = json.dumps(
-            {"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True, separators=(",", ":")
-        )
+        identity = {"format": CACHE_FORMAT, **asdict(self)}
+        if self.precision == "int8":
+            identity["int8_recipe"] = INT8_RECIPE
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def with_precision(self, precision: Precision) -> EmbeddingKey:

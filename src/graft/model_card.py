@@ -135,7 +135,8 @@ def model_card_markdown(
     lines += [
         "",
         f"ONNX vs torch on the {parity.images} test images: top-1 agreement "
-        f"{parity.top1_agreement:.2%}, max |Δ logit| {parity.max_abs_logit_diff:.1e}.",
+        f"{parity.top1_agreement:.2%}, max |Δ logit| {parity.max_abs_logit_diff:.1e} "
+        f"({parity.max_relative_logit_diff:.1e} of the largest |logit|).",
         "",
         _int8_line(int8),
         "",
@@ -162,7 +163,10 @@ def _int8_line(int8: dict[str, Any] | None) -> str:
         return "No INT8 model was made (`export.int8` is off)."
     where = "kept as `models/int8/model.onnx`" if int8["kept"] else "not kept"
     return (
-        f"INT8 (static QDQ, calibrated on {int8['calibration_images']} training images): test "
-        f"accuracy {int8['int8_test_accuracy']:.4f} against fp32's "
-        f"{int8['fp32_test_accuracy']:.4f}, {int8['size_ratio']:.1f}x smaller; {where}."
+        f"INT8 (static QDQ, classifier in float, calibrated on {int8['calibration_images']} "
+        f"training images of every class, {int8.get('calibration_method', 'minmax')} ranges): "
+        f"test accuracy {int8['int8_test_accuracy']:.4f} against fp32's "
+        f"{int8['fp32_test_accuracy']:.4f}, top-1 agreement "
+        f"{int8.get('top1_agreement_with_fp32', float('nan')):.2%}, "
+        f"{int8['size_ratio']:.1f}x smaller; {where}."
     )

@@ -49,6 +49,40 @@ def model_metadata(
     )
 
 
+def model_version_of(checkpoint_sha256: str) -> int:
+    """The ONNX ``model_version`` (an int64) of a model: the first 48 bits of its checkpoint's
+    sha256, so the same trained weights give the same version and other weights another."""
+    return int(checkpoint_sha256[:12], 16)
+
+
+def contract_doc_string(
+    spec: ModelSpec, *, uint8_input: bool = False, input_name: str = "image"
+) -> str:
+    """The ONNX ``doc_string``: what goes in and comes out, for a client outside Python."""
+    config = spec.data_config
+    channels, height, width = config["input_size"]
+    resize = (
+        f"resize ({config.get('interpolation')}, crop_pct {config.get('crop_pct')}, "
+        f"{config.get('crop_mode', 'center')} crop) to {height}x{width}"
+    )
+    if uint8_input:
+        given = (
+            f"'{input_name}': uint8 RGB pixels, NHWC [batch, {height}, {width}, {channels}], "
+            f"after {resize}; scaling and normalisation are inside the graph"
+        )
+    else:
+        given = (
+            f"'{input_name}': float32 NCHW [batch, {channels}, {height}, {width}]: {resize}, "
+            f"scale to [0, 1], subtract mean {config['mean']}, divide by std {config['std']}"
+        )
+    return (
+        f"graft image classifier (timm {spec.backbone} and a trained head). Input {given}. "
+        f"Output 'logits': [batch, {len(spec.labels)}], softmax gives the probabilities of the "
+        "labels in metadata 'labels' (and labels.txt beside the file), in that order; "
+        "metadata 'preprocessing' is timm's data config."
+    )
+
+
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
     """Strings as they are, anything else as JSON with sorted keys."""
     return {

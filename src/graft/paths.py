@@ -69,6 +69,11 @@ class ProjectPaths:
         return self.root / "models" / "int8"
 
     @property
+    def portable_dir(self) -> Path:
+        """The uint8-input variant and its ``labels.txt`` (export.preprocess_in_graph)."""
+        return self.root / "models" / "portable"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 

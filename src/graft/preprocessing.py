@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm.data
 import torch
 from PIL import Image
@@ -55,6 +57,31 @@ class BoundedTransform:
             return self.transform(image)
         except MemoryError:
             raise ImageRejected("too_many_pixels", "not enough memory to preprocess it") from None
+
+
+def resize_and_crop(data_config: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+    """The geometric steps of :func:`eval_transform` alone: an RGB image resized and cropped to
+    the model's input size, as ``uint8`` ``(height, width, 3)`` pixels (what a model with its
+    normalisation inside the graph takes, see :mod:`graft.portable`)."""
+    bounded = eval_transform(data_config)
+    steps = list(
+        itertools.takewhile(
+            lambda step: not isinstance(step, timm.data.transforms.MaybeToTensor),
+            bounded.transform.transforms,
+        )
+    )
+
+    def geometry(image: Image.Image) -> Image.Image:
+        for step in steps:
+            image = step(image)
+        return image
+
+    resize = BoundedTransform(geometry, bounded.shorter_side)
+
+    def pixels(image: Image.Image) -> np.ndarray:
+        return np.asarray(resize(image).convert("RGB"), dtype=np.uint8)
+
+    return pixels
 
 
 def load_rgb(source: ImageSource) -> Image.Image:

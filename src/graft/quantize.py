@@ -3,9 +3,13 @@ and the accuracy gate that decides whether the exported model's INT8 copy is kep
 
 :func:`quantize_static_qdq` is generic: any float32 ONNX model with one image-like input,
 calibrated on batches the caller provides (real training images, preprocessed as the model
-expects). QDQ after
-``quant_pre_process`` is the route that works for EfficientNet-style graphs; the QOperator
-format fails on them ("Graph is not a DAG").
+expects, chosen by :func:`calibration_sample`). QDQ after ``quant_pre_process`` is the route that
+works for EfficientNet-style graphs; the QOperator format fails on them ("Graph is not a DAG").
+onnxruntime fuses each DequantizeLinear -> Conv -> QuantizeLinear into one int8 ``QLinearConv``.
+
+The classifier stays in float: the global pooling and everything after it (the Linear that gives
+the calibrated logits, any head or test-time averaging) are excluded, so only the trunk's
+convolutions are quantized.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,6 +31,12 @@ from onnxruntime.quantization import (
     QuantFormat,
     QuantType,
     quantize_static,
+)
+from onnxruntime.quantization.qdq_loss_debug import (
+    collect_activations,
+    compute_activation_error,
+    create_activation_matching,
+    modify_model_output_intermediate_tensors,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
@@ -42,6 +54,75 @@ CALIBRATION_ROWS_PER_RUN = 2
 
 class QuantizationError(GraftError):
     """A model could not be quantized as asked."""
+
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+_POOLING_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool"})
+
+
+def calibration_sample(labels: np.ndarray, hashes: np.ndarray, count: int) -> np.ndarray:
+    """Indices of ``count`` images to calibrate on: every class in proportion, by content hash.
+
+    Each class gets its share of ``count`` (largest remainders round up; every class at least one
+    image when ``count`` allows it), filled with its images of smallest content hash, so the
+    choice is stable: new images elsewhere change a class's sample only by its share, never
+    swap its images. The indices come back in hash order, so any batch of them mixes classes.
+
+    Args:
+        labels: one class per image.
+        hashes: one content hash (sha256 hex) per image.
+        count: how many images; all of them when there are fewer.
+    """
+    labels, hashes = np.asarray(labels), np.asarray(hashes).astype(str)
+    if labels.shape != hashes.shape:
+        raise ValueError(f"{len(labels)} labels but {len(hashes)} hashes")
+    count = min(int(count), len(labels))
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = count * sizes / sizes.sum()
+    quota = np.floor(exact).astype(np.int64)
+    if count >= len(classes):
+        quota = np.maximum(quota, 1)
+    for position in np.argsort(-(exact - quota), kind="stable")[: count - quota.sum()]:
+        quota[position] += 1
+    while quota.sum() > count:  # the minimum of one overshot: the most over its share gives one
+        quota[np.argmax(np.where(quota > 1, quota - exact, -np.inf))] -= 1
+    chosen = np.concatenate(
+        [
+            members[np.argsort(hashes[members], kind="stable")][:share]
+            for members, share in zip(
+                (np.flatnonzero(labels == label) for label in classes), quota, strict=True
+            )
+        ]
+    )
+    return chosen[np.argsort(hashes[chosen], kind="stable")]
+
+
+def float_head_nodes(model: onnx.ModelProto) -> list[str]:
+    """The names of the nodes that stay float: the global pooling and everything after it.
+
+    Without a global pooling node, the Gemm/MatMul nodes (a classifier on flat features).
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    head = [node for node in model.graph.node if node.op_type in _POOLING_OPS]
+    if not head:
+        head = [node for node in model.graph.node if node.op_type in {"Gemm", "MatMul"}]
+    seen: dict[str, None] = {}
+    while head:
+        node = head.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = None
+        head.extend(consumer for output in node.output for consumer in consumers.get(output, []))
+    return sorted(seen)
 
 
 class _Batches(CalibrationDataReader):
@@ -92,19 +173,24 @@ def quantize_static_qdq(
     out_path: Path,
     calibration_batches: Iterable[np.ndarray],
     *,
+    method: str = "minmax",
     rows_per_run: int = CALIBRATION_ROWS_PER_RUN,
 ) -> Path:
     """Quantize ``fp32_onnx`` to INT8 (static, QDQ, per-channel weights) into ``out_path``.
 
-    Activations are uint8 and weights int8 (the fast u8s8 kernels on x86), with ranges from
-    min/max over the calibration batches. ``out_path`` is written through a temporary file, so
-    it is either the complete quantized model or untouched.
+    Activations are uint8 and weights int8 (the fast u8s8 kernels on x86), with ranges fitted by
+    ``method`` to the calibration activations; the global pooling and what follows it stay
+    float (:func:`float_head_nodes`). The model's metadata is kept. ``out_path`` is written
+    through a temporary file, so it is either the complete quantized model or untouched.
 
     Args:
         fp32_onnx: the float32 model.
         out_path: where the quantized model goes.
         calibration_batches: float32 arrays shaped as the model's input (e.g. NCHW batches of
-            preprocessed training images); a few hundred images are plenty.
+            preprocessed training images, see :func:`calibration_sample`); a few hundred images
+            are plenty.
+        method: ``minmax``, ``percentile`` (99.999th) or ``entropy``: how activation ranges
+            are fitted (histograms are merged run by run, like minima and maxima).
         rows_per_run: images per calibration run, whose activations are all held at once
             (memory, not the result: the ranges are the same for any value).
 
@@ -112,9 +198,14 @@ def quantize_static_qdq(
         ``out_path``.
 
     Raises:
-        QuantizationError: if the model has several inputs or no calibration batch is given.
+        QuantizationError: if the model has several inputs, no calibration batch is given or
+            the method is unknown.
     """
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if method not in CALIBRATION_METHODS:
+        raise QuantizationError(
+            f"Unknown calibration method {method!r}: choose {', '.join(CALIBRATION_METHODS)}."
+        )
     reader = _Batches(input_name_of(fp32_onnx), calibration_batches, rows_per_run)
     if not len(reader):
         raise QuantizationError(
@@ -123,6 +214,7 @@ def quantize_static_qdq(
     with tempfile.TemporaryDirectory(prefix="graft-quantize-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared))
+        keep_float = float_head_nodes(onnx.load(str(prepared), load_external_data=False))
         with replacing(out_path) as temporary:
             quantize_static(
                 str(prepared),
@@ -132,64 +224,192 @@ def quantize_static_qdq(
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=CALIBRATION_METHODS[method],
+                nodes_to_exclude=keep_float,
                 extra_options={"CalibStridedMinMax": 1},  # ranges merged after each run
             )
     return out_path
 
 
+@dataclass(frozen=True)
+class Int8Gate:
+    """When an INT8 model is kept (``export.int8_*`` in params.yaml)."""
+
+    max_accuracy_drop: float
+    min_top1_agreement: float
+    methods: Sequence[str] = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    paths: Sequence[Path]
+    labels: np.ndarray
+
+
 def quantize_with_gate(
     fp32_path: Path,
     int8_dir: Path,
-    calibration_images: list[Path],
-    test_images: list[Path],
-    test_labels: np.ndarray,
-    fp32_logits: np.ndarray,
+    calibration_images: Sequence[Path],
+    val: LabelledImages,
+    test: LabelledImages,
     transform: Callable[[Image.Image], torch.Tensor],
-    max_accuracy_drop: float,
+    gate: Int8Gate,
     batch_size: int = 32,
-) -> dict:
-    """Quantize the exported model (static INT8 QDQ, calibrated on training images) and keep it
-    as ``int8_dir/model.onnx`` only when its test accuracy is within ``max_accuracy_drop`` of
-    fp32. ``int8_dir/decision.json`` always says what was decided and why."""
-    batches = (
-        load_tensor_batch(calibration_images[i : i + batch_size], transform).numpy()
-        for i in range(0, len(calibration_images), batch_size)
-    )
+) -> dict[str, Any]:
+    """Quantize the exported model and keep it as ``int8_dir/model.onnx`` only if it holds up.
+
+    Each calibration method of ``gate`` is tried; the one whose model agrees best with fp32 on
+    **val** (then the most accurate there, then the first listed) is chosen, never on test. The
+    chosen model is kept when, on val and on test, its accuracy is within
+    ``gate.max_accuracy_drop`` of fp32's, and its top-1 agreement with fp32 on test is at least
+    ``gate.min_top1_agreement``. ``int8_dir/decision.json`` always says what was decided and
+    why; on a refusal it names the activations that lost most (SQNR against the float model on
+    a few val images), the place to look next.
+    """
+    fp32_path, int8_dir = Path(fp32_path), Path(int8_dir)
+    splits = {"val": val, "test": test}
+
+    def logits_of(model: Path, split: str) -> np.ndarray:  # one decoded batch at a time
+        session, paths = inference_session(model), splits[split].paths
+        outputs = [
+            run_single(session, load_tensor_batch(paths[i : i + batch_size], transform).numpy())
+            for i in range(0, len(paths), batch_size)
+        ]
+        return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
+
+    fp32_logits = {name: logits_of(fp32_path, name) for name in splits}
     staging = int8_dir.with_name(f".{int8_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    quantized = quantize_static_qdq(fp32_path, staging / "model.onnx", batches)
-    session = inference_session(quantized)
-    int8_logits = np.concatenate(
-        [
-            run_single(
-                session, load_tensor_batch(test_images[i : i + batch_size], transform).numpy()
-            )
-            for i in range(0, len(test_images), batch_size)
-        ]
-    )  # one decoded batch at a time
-    fp32_accuracy = float((fp32_logits.argmax(1) == test_labels).mean())
-    int8_accuracy = float((int8_logits.argmax(1) == test_labels).mean())
-    kept = fp32_accuracy - int8_accuracy <= max_accuracy_drop
-    decision = {
+    tried: dict[str, dict[str, float]] = {}
+    for method in gate.methods:
+        quantized = quantize_static_qdq(
+            fp32_path,
+            staging / f"{method}.onnx",
+            (
+                load_tensor_batch(calibration_images[i : i + batch_size], transform).numpy()
+                for i in range(0, len(calibration_images), batch_size)
+            ),
+            method=method,
+        )
+        tried[method] = _scores(logits_of(quantized, "val"), fp32_logits["val"], val.labels)
+    chosen = max(
+        gate.methods,
+        key=lambda m: (tried[m]["top1_agreement"], tried[m]["accuracy"], -gate.methods.index(m)),
+    )
+    quantized = staging / "model.onnx"
+    os.replace(staging / f"{chosen}.onnx", quantized)
+    scores = {
+        "val": tried[chosen],
+        "test": _scores(logits_of(quantized, "test"), fp32_logits["test"], test.labels),
+    }
+    fp32_accuracy = {
+        name: _scores(fp32_logits[name], fp32_logits[name], split.labels)["accuracy"]
+        for name, split in (("val", val), ("test", test))
+    }
+    problems = [
+        f"no {name} images to compare with fp32 on"
+        for name in splits
+        if not len(splits[name].paths)
+    ]
+    problems += [
+        f"{name} accuracy {scores[name]['accuracy']:.4f} is more than "
+        f"{gate.max_accuracy_drop:.4f} below fp32's {fp32_accuracy[name]:.4f}"
+        for name in ("val", "test")
+        if fp32_accuracy[name] - scores[name]["accuracy"] > gate.max_accuracy_drop
+    ]
+    if scores["test"]["top1_agreement"] < gate.min_top1_agreement:
+        problems.append(
+            f"top-1 agreement with fp32 on test {scores['test']['top1_agreement']:.4f} is below "
+            f"{gate.min_top1_agreement}"
+        )
+    kept = not problems
+    decision: dict[str, Any] = {
         "kept": kept,
-        "fp32_test_accuracy": fp32_accuracy,
-        "int8_test_accuracy": int8_accuracy,
-        "max_accuracy_drop": max_accuracy_drop,
+        "fp32_test_accuracy": fp32_accuracy["test"],
+        "int8_test_accuracy": scores["test"]["accuracy"],
+        "top1_agreement_with_fp32": scores["test"]["top1_agreement"],
+        "fp32_val_accuracy": fp32_accuracy["val"],
+        "int8_val_accuracy": scores["val"]["accuracy"],
+        "val_top1_agreement_with_fp32": scores["val"]["top1_agreement"],
+        "max_accuracy_drop": gate.max_accuracy_drop,
+        "min_top1_agreement": gate.min_top1_agreement,
         "calibration_images": len(calibration_images),
-        "top1_agreement_with_fp32": float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean()),
+        "calibration_method": chosen,
+        "calibration_methods_on_val": tried,
         "size_ratio": fp32_path.stat().st_size / quantized.stat().st_size,
         "reason": (
-            "within the allowed accuracy drop"
+            f"within {gate.max_accuracy_drop} accuracy of fp32 on val and test, agreeing on "
+            f"{scores['test']['top1_agreement']:.2%} of test (calibration: {chosen}, chosen on val)"
             if kept
-            else f"test accuracy {int8_accuracy:.4f} is more than {max_accuracy_drop:.4f} below "
-            f"fp32's {fp32_accuracy:.4f}: the INT8 model was not kept"
+            else "; ".join(problems) + ": the INT8 model was not kept"
         ),
     }
     if not kept:
-        quantized.unlink()
+        few = list(val.paths[:EXPLAIN_IMAGES] or test.paths[:EXPLAIN_IMAGES])
+        decision["worst_activations"] = worst_activations(
+            fp32_path, quantized, load_tensor_batch(few, transform).numpy()
+        )
+        decision["reason"] += (
+            "; worst_activations names the tensors that lost most (SQNR in dB against fp32 on "
+            f"{len(few)} val images)"
+        )
+    for leftover in staging.glob("*.onnx"):
+        if leftover != quantized or not kept:
+            leftover.unlink()
     write_json(staging / "decision.json", decision)
     shutil.rmtree(int8_dir, ignore_errors=True)
     os.replace(staging, int8_dir)
     return decision
+
+
+EXPLAIN_IMAGES = 8
+
+
+def worst_activations(
+    fp32_path: Path, int8_path: Path, images: np.ndarray, top: int = 8
+) -> list[dict[str, Any]]:
+    """The ``top`` activations of the INT8 model furthest from the float model's on ``images``.
+
+    Each entry: ``tensor`` and the ``node`` that computes it, ``sqnr_db`` (signal-to-noise of
+    the INT8 model's activation against the float model's: the error accumulated up to there)
+    and ``local_sqnr_db`` (of its own quantize-dequantize step), lowest ``sqnr_db`` first.
+    Measured with onnxruntime's ``qdq_loss_debug``.
+    """
+    with tempfile.TemporaryDirectory(prefix="graft-qdq-debug-") as folder:
+        activations = {}
+        for name, path in (("float", fp32_path), ("int8", int8_path)):
+            augmented = Path(folder) / f"{name}.onnx"
+            modify_model_output_intermediate_tensors(str(path), str(augmented))
+            reader = _Batches(input_name_of(path), [images], len(images))
+            activations[name] = collect_activations(str(augmented), reader)
+    errors = compute_activation_error(
+        create_activation_matching(activations["int8"], activations["float"])
+    )
+    producers = {
+        output: node.name
+        for node in onnx.load(str(int8_path), load_external_data=False).graph.node
+        for output in node.output
+    }
+    rows = [
+        {
+            "tensor": tensor,
+            "node": producers.get(tensor, ""),
+            "sqnr_db": round(float(error["xmodel_err"]), 2),
+            "local_sqnr_db": round(float(error["qdq_err"]), 2),
+        }
+        for tensor, error in errors.items()
+        if "xmodel_err" in error and np.isfinite(error["xmodel_err"])
+    ]
+    return sorted(rows, key=lambda row: row["sqnr_db"])[:top]
+
+
+def _scores(logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and top-1 agreement with fp32; NaN without images (every comparison fails)."""
+    if len(labels) == 0:
+        return {"accuracy": float("nan"), "top1_agreement": float("nan")}
+    predicted = logits.argmax(1)
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "top1_agreement": float((predicted == fp32_logits.argmax(1)).mean()),
+    }

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import onnx
 import yaml
 
 from graft.classifier import build_classifier, head_architecture_of, load_checkpoint
 from graft.config import load_params
 from graft.ensemble import ProbabilityAverage
-from graft.export import ExportRefused, Parity, export_onnx, parity_on_images
+from graft.export import (
+    INPUT_NAME,
+    ExportRefused,
+    Parity,
+    describe_model,
+    export_onnx,
+    parity_on_images,
+)
 from graft.features import load_feature_set
 from graft.files import file_sha256, read_json, replacing, write_json, write_text_atomic
 from graft.model_card import model_card_markdown
-from graft.model_metadata import model_metadata
+from graft.model_metadata import contract_doc_string, model_metadata, model_version_of
 from graft.paths import ProjectPaths
-from graft.preprocessing import eval_transform
-from graft.quantize import quantize_with_gate
+from graft.portable import uint8_nhwc_variant
+from graft.preprocessing import eval_transform, load_rgb, resize_and_crop
+from graft.quantize import Int8Gate, LabelledImages, calibration_sample, quantize_with_gate
+from graft.runtime import inference_session
 
 
 def main(root: Path = Path(".")) -> Parity:
@@ -31,7 +44,8 @@ def main(root: Path = Path(".")) -> Parity:
             + "; ".join(blessing["reasons"])
             + ". Export refused; improve the model or change the evaluate.* thresholds."
         )
-    checkpoint = load_checkpoint(paths.root / blessing["model"])
+    checkpoint_path = paths.root / blessing["model"]
+    checkpoint = load_checkpoint(checkpoint_path)
     spec = checkpoint.spec
     model = build_classifier(checkpoint)
     if blessing["candidate"] == "average":  # the head and the fine-tuned model, in one graph
@@ -44,37 +58,57 @@ def main(root: Path = Path(".")) -> Parity:
         data_version=data_version(paths.data_dvc),
         git_revision=git_revision(paths.root),
     )
+    members = [checkpoint_path] + ([paths.head_model] if blessing["candidate"] == "average" else [])
+    version = model_version_of(
+        hashlib.sha256("".join(file_sha256(member) for member in members).encode()).hexdigest()
+    )
     test = load_feature_set(paths.features / "test.npz")
     test_images = [paths.data / p for p in test.paths]
     transform = eval_transform(spec.data_config)
+    limits = params.export
     with replacing(paths.onnx_model) as candidate:  # a refusal below leaves the old model
-        input_size = spec.data_config["input_size"]
-        export_onnx(model, input_size, candidate, opset=params.export.opset, metadata=metadata)
+        export_onnx(
+            model,
+            spec.data_config["input_size"],
+            candidate,
+            opset=limits.opset,
+            metadata=metadata,
+            doc_string=contract_doc_string(spec),
+            model_version=version,
+        )
         parity, fp32_logits = parity_on_images(model, candidate, test_images, transform)
-        if not parity.within(
-            params.export.parity_max_abs_logit, params.export.parity_min_top1_agreement
-        ):
+        if not parity.within(limits.parity_max_relative_logit, limits.parity_min_top1_agreement):
             raise ExportRefused(
                 f"ONNX parity failed on {parity.images} test images: max |Δ logit| "
-                f"{parity.max_abs_logit_diff:.2e} "
-                f"(limit {params.export.parity_max_abs_logit:.0e}), top-1 agreement "
-                f"{parity.top1_agreement:.4f} (minimum "
-                f"{params.export.parity_min_top1_agreement}). Nothing was published."
+                f"{parity.max_abs_logit_diff:.2e}, {parity.max_relative_logit_diff:.2e} of the "
+                f"image's largest |logit| (limit {limits.parity_max_relative_logit:.0e}, "
+                f"export.parity_max_relative_logit), top-1 agreement "
+                f"{parity.top1_agreement:.4f} (minimum {limits.parity_min_top1_agreement}). "
+                "Nothing was published."
             )
+    write_labels(paths.onnx_model.parent, spec.labels)
+    portable = _portable(paths, spec, version, test_images, fp32_logits, limits)
     int8 = None
-    if params.export.int8:
+    if limits.int8:
         train = load_feature_set(paths.features / "train.npz")
-        calibration = [paths.data / p for p in train.paths[: params.export.int8_calibration_images]]
+        val = load_feature_set(paths.features / "val.npz")
+        chosen = calibration_sample(train.labels, train.sha256, limits.int8_calibration_images)
         int8 = quantize_with_gate(
             paths.onnx_model,
             paths.int8_dir,
-            calibration,
-            test_images,
-            test.labels,
-            fp32_logits,
+            [paths.data / p for p in train.paths[chosen]],
+            LabelledImages([paths.data / p for p in val.paths], val.labels),
+            LabelledImages(test_images, test.labels),
             transform,
-            params.export.int8_max_accuracy_drop,
+            Int8Gate(
+                limits.int8_max_accuracy_drop,
+                limits.int8_min_top1_agreement,
+                tuple(limits.int8_calibration_methods),
+            ),
         )
+        if int8["kept"]:
+            _describe_variant(paths.int8_dir / "model.onnx", metadata, spec, version)
+            write_labels(paths.int8_dir, spec.labels)
         print(f"export: INT8 {'kept' if int8['kept'] else 'refused'} — {int8['reason']}")
     else:
         shutil.rmtree(paths.int8_dir, ignore_errors=True)
@@ -95,19 +129,85 @@ def main(root: Path = Path(".")) -> Parity:
     write_json(
         paths.metrics / "export.json",
         {
-            "parity": parity.__dict__,
-            "opset": params.export.opset,
+            "parity": asdict(parity),
+            "opset": limits.opset,
             "model_sha256": file_sha256(paths.onnx_model),
+            "model_version": version,
             "blessing_sha256": file_sha256(paths.blessing),
+            "portable": portable,
             "int8": int8,
         },
     )
     print(
         f"export: {paths.onnx_model} — parity on {parity.images} test images: "
-        f"max |Δ logit| {parity.max_abs_logit_diff:.2e}, "
+        f"max |Δ logit| {parity.max_abs_logit_diff:.2e} "
+        f"({parity.max_relative_logit_diff:.2e} relative), "
         f"top-1 agreement {parity.top1_agreement:.2%}"
     )
     return parity
+
+
+def write_labels(folder: Path, labels: list[str]) -> None:
+    """``labels.txt``: one label per line, in the order of the model's outputs."""
+    write_text_atomic(folder / "labels.txt", "".join(f"{label}\n" for label in labels))
+
+
+def _describe_variant(path: Path, metadata: dict[str, str], spec, version: int, **doc) -> None:
+    proto = onnx.load(str(path))
+    describe_model(
+        proto, metadata, doc_string=contract_doc_string(spec, **doc), model_version=version
+    )
+    with replacing(path) as temporary:
+        onnx.save(proto, str(temporary))
+
+
+def _portable(
+    paths: ProjectPaths,
+    spec,
+    version: int,
+    test_images: list[Path],
+    fp32_logits: np.ndarray,
+    limits,
+    batch_size: int = 64,
+) -> dict:
+    """``models/portable/``: the uint8 NHWC variant, checked against the float model on test."""
+    folder = paths.portable_dir
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if not limits.preprocess_in_graph:
+        write_text_atomic(folder / "README.txt", "export.preprocess_in_graph is off.\n")
+        return {"made": False}
+    config = spec.data_config
+    variant = uint8_nhwc_variant(onnx.load(str(paths.onnx_model)), config["mean"], config["std"])
+    with replacing(folder / "model.onnx") as temporary:
+        onnx.save(variant, str(temporary))
+    _describe_variant(
+        folder / "model.onnx",
+        {e.key: e.value for e in variant.metadata_props},
+        spec,
+        version,
+        uint8_input=True,
+    )
+    session = inference_session(folder / "model.onnx")
+    pixels = resize_and_crop(config)
+    outputs = [
+        session.run(None, {INPUT_NAME: np.stack([pixels(load_rgb(p)) for p in chunk])})[0]
+        for chunk in (
+            test_images[i : i + batch_size] for i in range(0, len(test_images), batch_size)
+        )
+    ]
+    max_diff = float(np.abs(np.concatenate(outputs) - fp32_logits).max()) if outputs else 0.0
+    if not max_diff <= PORTABLE_MAX_LOGIT_DIFF:
+        raise ExportRefused(
+            f"{folder / 'model.onnx'} (normalisation inside the graph) differs from "
+            f"{paths.onnx_model} by {max_diff:.2e} in a logit on the test images (limit "
+            f"{PORTABLE_MAX_LOGIT_DIFF:.0e}); set export.preprocess_in_graph: false and report it."
+        )
+    write_labels(folder, spec.labels)
+    return {"made": True, "test_images": len(test_images), "max_abs_logit_diff": max_diff}
+
+
+PORTABLE_MAX_LOGIT_DIFF = 1e-4
 
 
 def data_version(data_dvc: Path) -> str:
