@@ -11,14 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from graft.config import load_params
 from graft.files import file_sha256, read_json
 from graft.paths import ProjectPaths
 from graft.promotion import PromotionRefused, RollbackRefused, promote, rollback
-from graft.quantize import quantize_with_gate
 from graft.stages import evaluate, export, features, finetune, train_head, validate
 from tests.conftest import make_project, write_params
 
@@ -177,31 +175,3 @@ def test_a_promotion_killed_half_way_leaves_the_old_model_serving(project, under
     record = _promote(project)  # the next promotion cleans up and succeeds
     assert record.promoted and champion.read_bytes() == project.onnx_model.read_bytes()
     assert not list(champion.parent.glob(".*.tmp"))
-
-
-@pytest.mark.parametrize("allowed_drop, kept", [(1.0, True), (0.0, False)])
-def test_the_int8_model_is_kept_only_within_the_allowed_accuracy_drop(
-    exported, tmp_path, allowed_drop, kept
-):
-    from graft.features import load_feature_set
-    from graft.preprocessing import eval_transform
-
-    test = load_feature_set(exported.features / "test.npz")
-    train = load_feature_set(exported.features / "train.npz")
-    perfect_fp32 = np.eye(10, dtype=np.float32)[test.labels]  # fp32 is right on every image
-    decision = quantize_with_gate(
-        exported.onnx_model,
-        tmp_path / "int8",
-        [exported.data / p for p in train.paths[:16]],
-        [exported.data / p for p in test.paths],
-        test.labels,
-        perfect_fp32,
-        eval_transform(read_json(exported.features / "spec.json")["data_config"]),
-        allowed_drop,
-    )
-    assert decision["fp32_test_accuracy"] == 1.0 and decision["int8_test_accuracy"] < 1.0
-    assert decision["kept"] is kept
-    assert (tmp_path / "int8" / "model.onnx").exists() is kept
-    assert read_json(tmp_path / "int8" / "decision.json") == decision
-    if not kept:
-        assert "was not kept" in decision["reason"]
