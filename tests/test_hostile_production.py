@@ -135,7 +135,8 @@ def shared_project(validated) -> ProjectPaths:
     folder = Path(tempfile.mkdtemp(prefix="graft-shared-"))
     folder.chmod(0o755)
     paths = ProjectPaths(shutil.copytree(validated.root, folder / "project"))
-    yield paths
+    with data_unchanged(paths.data):
+        yield paths
     shutil.rmtree(folder, ignore_errors=True)
 
 
