@@ -1,6 +1,8 @@
 """Benchmark: graft's feature extraction against a plain timm torch-eager loop, same images.
 
 Baseline: ``model.eval()``, ``torch.inference_mode()``, batch 32, NCHW — what one writes by hand.
+Beside it, a bare onnxruntime session (default options, 64 images a run) on the same exported
+file: graft's fp32 engine over it is the share of the engine's speed graft keeps.
 graft: the engine ``features.engine: auto`` picks (onnxruntime on CPU), batch 64, in fp32 and
 INT8 (static QDQ, calibrated on the bench images). All in one process on the same decoded
 images; after a warm-up of each, the engines take turns on each 64-image slice (baseline, fp32,
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnxruntime as ort
 import pandas as pd
 import torch
 
@@ -76,7 +79,18 @@ def main() -> None:
                 for chunk in images.split(32):
                     model(chunk)
 
-        engines = {"baseline": plain_timm_loop, "fp32": fp32, "int8": int8}
+        # onnxruntime as one would call it by hand: default session options, 64 images a run.
+        bare = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+
+        def bare_session(images: torch.Tensor) -> None:
+            bare.run(None, {bare.get_inputs()[0].name: images.numpy()})
+
+        engines = {
+            "baseline": plain_timm_loop,
+            "bare_onnxruntime": bare_session,
+            "fp32": fp32,
+            "int8": int8,
+        }
         for run in engines.values():
             run(decoded[:64])  # warm-up: allocator, thread pools, onnxruntime's arena at 64
         # Interleaved per 64 images, so a burst of load from other processes hits every engine
@@ -118,7 +132,11 @@ def main() -> None:
         "repeats": args.repeats,
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "baseline_timm_eager_batch32_images_per_s": rate("baseline"),
+        "bare_onnxruntime_batch64_images_per_s": rate("bare_onnxruntime"),
         "graft_fp32_batch64_images_per_s": rate("fp32"),
+        "graft_fp32_vs_bare_onnxruntime_median": statistics.median(
+            [b / g for b, g in zip(seconds["bare_onnxruntime"], seconds["fp32"], strict=True)]
+        ),
         "graft_int8_batch64_images_per_s": rate("int8"),
         "speedup_fp32_vs_baseline_median": statistics.median(ratios("fp32")),
         "speedup_fp32_vs_baseline_repeats": ratios("fp32"),

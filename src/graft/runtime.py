@@ -52,7 +52,8 @@ def run_single(
     """
     name = session.get_inputs()[0].name
     array = np.ascontiguousarray(batch, dtype=np.float32)
-    rows = rows or rows_per_run(array.shape, MAX_PIXELS_PER_RUN)
+    if rows is None:  # images (N, C, H, W) by their pixels; anything else in one run
+        rows = rows_per_run(array.shape, MAX_PIXELS_PER_RUN) if array.ndim == 4 else len(array)
     if len(array) <= rows:
         return session.run(None, {name: array})[0]
     return np.concatenate(
