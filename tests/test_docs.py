@@ -225,13 +225,19 @@ def _pip_problem(args: list[str]) -> str | None:
 def _prefect_problem(args: list[str]) -> str | None:
     """``prefect deployment run FLOW/NAME`` and ``--pool P`` name what prefect.yaml declares."""
     declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    flows = re.findall(r'@flow\(name="([^"]+)"', (ROOT / "flows" / "training.py").read_text())
-    names = {f"{flow}/{deployment['name']}" for flow in flows for deployment in declared}
-    pools = {deployment["work_pool"]["name"] for deployment in declared}
+    names, pools = set(), set()
+    for deployment in declared:
+        path, function = deployment["entrypoint"].split(":")
+        source = (ROOT / path).read_text()
+        flow = re.search(rf'@flow\(name="([^"]+)"[^\n]*\)\ndef {function}\(', source)
+        names.add(f"{flow.group(1)}/{deployment['name']}")
+        pools.add(deployment["work_pool"]["name"])
     if args[:2] == ["deployment", "run"] and args[2] not in names:
         return f"prefect.yaml deploys {sorted(names)}, not {args[2]}"
     if "--pool" in args and args[args.index("--pool") + 1] not in pools:
-        return f"prefect.yaml's work pool is {sorted(pools)}"
+        return (
+            f"prefect.yaml's work pools are {sorted(pools)}, not {args[args.index('--pool') + 1]}"
+        )
     return None
 
 
@@ -296,7 +302,7 @@ def test_every_documented_command_exists():
         ("dvc exp run -S head.kind=cnn", "key 'head.kind'"),
         ('pip install "graft[serve]"', "unrelated PyPI package"),
         ("prefect deployment run graft-training/weekly", "not graft-training/weekly"),
-        ("prefect worker start --pool default", "work pool is ['graft']"),
+        ("prefect worker start --pool default", "work pools are"),
     ],
 )
 def test_a_command_that_does_not_exist_is_reported(line: str, complaint: str):
