@@ -138,6 +138,7 @@ def main() -> None:
         "model_bytes": {name: path.stat().st_size for name, path in models.items()},
         "images": len(pixels),
         "images_per_class": np.bincount(labels).tolist(),
+        "batch_sizes": list(BATCHES),
         "threads": args.threads,
         "rounds": args.rounds,
         "accuracy": {
