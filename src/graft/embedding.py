@@ -221,14 +221,21 @@ def _fp32_engine(backbone: Backbone, cache: FeatureCache) -> bytes:
 def _int8_engine(
     backbone: Backbone, cache: FeatureCache, calibration: Callable[[], Iterator[np.ndarray]]
 ) -> bytes:
-    """The cached INT8 engine, quantized (again) from the fp32 one unless an intact one is there."""
+    """The cached INT8 engine, quantized (again) unless an intact one is there.
+
+    It is quantized from a fresh export, not from the cached fp32 engine: an fp32 engine
+    exported by an older graft (padding computed at run time) gives the same fp32 features but
+    quantizes badly.
+    """
     engine = cache.verified_engine()
     if engine is not None:
         return engine
-    fp32 = FeatureCache(cache.root, cache.key.with_precision("fp32"))
-    _fp32_engine(backbone, fp32)
     print(f"features: quantizing {backbone.name} to INT8, calibrated on training images")
-    quantize_static_qdq(fp32.onnx_path, cache.onnx_path, calibration())
+    with tempfile.TemporaryDirectory(prefix="graft-int8-") as folder:
+        fp32 = export_engine(
+            backbone.model, tuple(backbone.data_config["input_size"]), Path(folder) / "fp32.onnx"
+        )
+        quantize_static_qdq(fp32, cache.onnx_path, calibration())
     return cache.record_engine()
 
 
