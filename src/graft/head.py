@@ -103,7 +103,7 @@ def make_head(in_features: int, num_classes: int, architecture: dict[str, Any]) 
         )
     if kind == "l2_linear":  # the few-shot heads (graft.fewshot): Linear on unit-length features
         return l2_linear_head(in_features, num_classes)
-    raise HeadError(f"Unknown head kind {kind!r}: use head.kind linear or mlp.")
+    raise HeadError(f"Unknown head kind {kind!r}: use head.kind probe, linear or mlp.")
 
 
 def train_head(
