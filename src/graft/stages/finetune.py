@@ -10,9 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from graft.calibration import calibrate
 from graft.classifier import (
@@ -22,7 +25,7 @@ from graft.classifier import (
     load_checkpoint,
     save_checkpoint,
 )
-from graft.config import load_params
+from graft.config import FinetuneParams, load_params
 from graft.data.manifest import read_manifest, usable_rows
 from graft.ensemble import average_probabilities
 from graft.evaluate import candidate_summary, choose_candidate
@@ -167,7 +170,9 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     return result
 
 
-def train_transform(data_config, settings, invariances):
+def train_transform(
+    data_config: dict, settings: FinetuneParams, invariances: list[str]
+) -> Callable[[Image.Image], torch.Tensor] | None:
     """timm's augmentation (``finetune.augment``) and/or a random transformation from the
     declared ``data.invariances``; None (nothing random: the frozen prefix is computed once)
     without either."""
