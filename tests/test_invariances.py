@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 from graft.config import ParamsError, parse_params
+from graft.files import read_json
 from graft.finetune import RandomInvariance
 from graft.sample_data import digit_images
+from graft.stages import features, finetune, train_head, validate
+from tests.conftest import write_params
 
 
 def _digit() -> Image.Image:
@@ -49,3 +52,13 @@ def test_an_unknown_invariance_is_refused_naming_the_key():
     ]
     with pytest.raises(ParamsError, match="data.invariances"):
         parse_params({"data": {"invariances": ["rot45"]}})
+
+
+def test_fine_tuning_trains_on_the_declared_invariances(tiny_project):
+    write_params(
+        tiny_project.root, {"data": {"invariances": ["hflip", "rot90"]}, "finetune": {"epochs": 1}}
+    )
+    for stage in (validate, features, train_head, finetune):
+        stage.main(tiny_project.root)
+    tuned = read_json(tiny_project.metrics / "finetune.json")
+    assert tuned["invariances"] == ["hflip", "rot90"] and tuned["epochs_run"] == 1
