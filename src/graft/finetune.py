@@ -38,6 +38,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from graft.config import AugmentParams, FinetuneParams
+from graft.data_config import DataConfig
 from graft.engines import Engine, make_runner, resolve_engine
 from graft.errors import GraftError
 from graft.features import forward_in_batches
@@ -131,14 +132,10 @@ def split_trunk(model: nn.Module, unfreeze_blocks: int) -> TrunkSplit:
 
 
 def augment_transform(
-    data_config: dict[str, Any], augment: AugmentParams
+    data_config: DataConfig, augment: AugmentParams
 ) -> Callable[[Image.Image], torch.Tensor]:
     """timm's training transform for the backbone's data config with the ``augment`` settings."""
-    config = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in data_config.items()
-        if key in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    }
+    config = data_config.timm_kwargs()
     config.pop("crop_pct", None)  # training crops are random-resized, not centred
     config.pop("crop_mode", None)
     return timm.data.create_transform(
@@ -421,129 +418,106 @@ class _PolicyRun:
         self.model.eval()
 
     def train(self, path: Path | None, identity: str, on_epoch: EpochHook | None):
-        params, model, data = self.params, self.model, self.data
-        head_loss, head_acc = self.evaluate(_Top(model, self.cut, self.cut))
-        state = {
-            "phase": 0,
-            "epoch_in_phase": 0,
-            "epoch": 0,
-            "best_score": [head_acc, math.inf],  # the head wins every tie in accuracy
-            "best_epoch": 0,
-            "best_state": copy.deepcopy(model.state_dict()),
-            "phase_best": None,
-            "stale": 0,
-            "elapsed_s": 0.0,
-            "history": [
-                {
-                    "epoch": 0,
-                    "phase": 0,
-                    "blocks": 0,
-                    "train_loss": float("nan"),
-                    "val_loss": head_loss,
-                    "val_accuracy": head_acc,
-                    "lr": 0.0,
-                }
-            ],
-            "stopped": "completed",
-        }
+        """Run the schedule phase by phase from the head (or from a resume checkpoint).
+
+        ``state`` is the run's progress, saved with every epoch's resume checkpoint: the phase
+        and epoch, the best score and weights so far, the phase's early-stopping count, the
+        history and why the run stopped.
+        """
+        head_loss, head_acc = self.evaluate(_Top(self.model, self.cut, self.cut))
+        state = _initial_state(self.model, head_loss, head_acc)
         checkpoint = _load_resumable(path, identity)
         resumed_at = None
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
+            self.model.load_state_dict(checkpoint["model"])
             state = checkpoint["state"]
             resumed_at = state["epoch"]
             print(f"finetune: resuming after epoch {resumed_at} from {path}")
         started = time.monotonic() - state["elapsed_s"]
-        budget_s = self.budget_s
-        steps = math.ceil(len(data.train_labels) / params.batch_size)
-        phases = params.phases
+        steps = math.ceil(len(self.data.train_labels) / self.params.batch_size)
+        phases = self.params.phases
         while state["phase"] < len(phases) and state["stopped"] == "completed":
             blocks, epochs = phases[state["phase"]]
             if epochs == 0:  # a phase switched off
                 state["phase"] += 1
                 continue
             top, names = self.set_phase(blocks)
-            optimizer = create_optimizer_v2(
-                model,
-                "adamw",
-                lr=params.lr,
-                weight_decay=params.weight_decay,
-                layer_decay=params.layer_decay,
-            )
-            scheduler = CosineLRScheduler(
-                optimizer,
-                t_initial=max(epochs * steps, 1),
-                warmup_t=round(params.warmup_epochs * steps),
-                warmup_lr_init=params.lr * 0.01,
-                t_in_epochs=False,
-            )
-            scheduler.step_update(0)
+            optimizer, scheduler = self.phase_optimizer(epochs, steps)
             if checkpoint is not None:
-                if state["epoch_in_phase"] > 0:  # stopped mid-phase: continue its optimizer
-                    if checkpoint["trainable"] != names:
-                        raise FinetuneError(f"{path} trains other parameters than this phase.")
-                    optimizer.load_state_dict(checkpoint["optimizer"])
-                    scheduler.load_state_dict(checkpoint["scheduler"])
-                _restore_random_state(checkpoint["random"])
+                _resume_phase(checkpoint, state, names, optimizer, scheduler, path)
                 checkpoint = None
-            while state["epoch_in_phase"] < epochs:
-                elapsed = time.monotonic() - started
-                epochs_done = state["epoch"]
-                per_epoch = elapsed / epochs_done if epochs_done else 0.0
-                if elapsed + per_epoch > budget_s:
-                    state["stopped"] = f"time budget (finetune.max_minutes: {params.max_minutes})"
-                    break
-                epoch = state["epoch"] + 1
-                train_h = data.train if data.train is not None else data.augmented(epoch)
-                _seed_epoch(params.seed, 1_000 + epoch)
-                train_loss = self.train_epoch(
-                    top, optimizer, scheduler, train_h, epoch, state, path, steps
-                )
-                if self.policy == "adapt":
-                    self.recalibrate(top, train_h)
-                val_loss, val_acc = self.evaluate(top)
-                record = {
-                    "epoch": epoch,
-                    "phase": state["phase"] + 1,
-                    "blocks": blocks,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_acc,
-                    "lr": max(group["lr"] for group in optimizer.param_groups),
-                }
-                state["history"].append(record)
-                state["epoch"], state["epoch_in_phase"] = epoch, state["epoch_in_phase"] + 1
-                score = [val_acc, -val_loss]
-                if score > state["best_score"]:
-                    state["best_score"], state["best_epoch"] = score, epoch
-                    state["best_state"] = copy.deepcopy(model.state_dict())
-                if state["phase_best"] is None or score > state["phase_best"]:
-                    state["phase_best"], state["stale"] = score, 0
-                else:
-                    state["stale"] += 1
-                phase_over = state["stale"] >= params.patience
-                if phase_over or state["epoch_in_phase"] >= epochs:
-                    phase_over = True
-                    state["phase"] += 1
-                    state["epoch_in_phase"], state["phase_best"], state["stale"] = 0, None, 0
-                state["elapsed_s"] = time.monotonic() - started
-                if path is not None:
-                    _save_resumable(path, identity, model, state, names, optimizer, scheduler)
-                if on_epoch is not None:
-                    on_epoch(record, model)
-                if phase_over:
-                    break
-        best_acc = state["best_score"][0]
+            run = (top, blocks, epochs, names, optimizer, scheduler)
+            self.run_phase(*run, state, started, steps, path, identity, on_epoch)
         return FinetuneResult(
             state_dict={k: v.detach().cpu() for k, v in state["best_state"].items()},
             head_val_accuracy=head_acc,
-            val_accuracy=best_acc,
+            val_accuracy=state["best_score"][0],
             best_epoch=state["best_epoch"],
             history=state["history"],
             bn=self.policy,
             stopped=state["stopped"],
             resumed_at_epoch=resumed_at,
         )
+
+    def phase_optimizer(self, epochs: int, steps: int):
+        """AdamW with timm's layer-wise decay, and its cosine schedule over the phase's steps."""
+        params = self.params
+        optimizer = create_optimizer_v2(
+            self.model,
+            "adamw",
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            layer_decay=params.layer_decay,
+        )
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(epochs * steps, 1),
+            warmup_t=round(params.warmup_epochs * steps),
+            warmup_lr_init=params.lr * 0.01,
+            t_in_epochs=False,
+        )
+        scheduler.step_update(0)
+        return optimizer, scheduler
+
+    def run_phase(
+        self, top, blocks, epochs, names, optimizer, scheduler, state, started, steps, path,
+        identity, on_epoch,
+    ) -> None:  # fmt: skip
+        """The epochs of one phase, until it ends, stops early, or the time budget runs out."""
+        params, data = self.params, self.data
+        while state["epoch_in_phase"] < epochs:
+            elapsed = time.monotonic() - started
+            epochs_done = state["epoch"]
+            per_epoch = elapsed / epochs_done if epochs_done else 0.0
+            if elapsed + per_epoch > self.budget_s:
+                state["stopped"] = f"time budget (finetune.max_minutes: {params.max_minutes})"
+                return
+            epoch = state["epoch"] + 1
+            train_h = data.train if data.train is not None else data.augmented(epoch)
+            _seed_epoch(params.seed, 1_000 + epoch)
+            train_loss = self.train_epoch(
+                top, optimizer, scheduler, train_h, epoch, state, path, steps
+            )
+            if self.policy == "adapt":
+                self.recalibrate(top, train_h)
+            val_loss, val_acc = self.evaluate(top)
+            record = {
+                "epoch": epoch,
+                "phase": state["phase"] + 1,
+                "blocks": blocks,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": max(group["lr"] for group in optimizer.param_groups),
+            }
+            phase_over = _record_epoch(state, record, self.model, epochs, params.patience)
+            state["elapsed_s"] = time.monotonic() - started
+            if path is not None:
+                _save_resumable(path, identity, self.model, state, names, optimizer, scheduler)
+            if on_epoch is not None:
+                on_epoch(record, self.model)
+            if phase_over:
+                return
 
     def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, path, steps) -> float:
         params, labels = self.params, self.data.train_labels
@@ -577,6 +551,65 @@ class _PolicyRun:
                 bar.update(len(batch))
             bar.set_postfix(loss=f"{total / len(labels):.4f}")
         return total / len(labels)
+
+
+def _initial_state(model: nn.Module, head_loss: float, head_acc: float) -> dict[str, Any]:
+    """A run's progress before its first epoch: the head alone is epoch 0 and the best so far."""
+    return {
+        "phase": 0,
+        "epoch_in_phase": 0,
+        "epoch": 0,
+        "best_score": [head_acc, math.inf],  # the head wins every tie in accuracy
+        "best_epoch": 0,
+        "best_state": copy.deepcopy(model.state_dict()),
+        "phase_best": None,
+        "stale": 0,
+        "elapsed_s": 0.0,
+        "history": [
+            {
+                "epoch": 0,
+                "phase": 0,
+                "blocks": 0,
+                "train_loss": float("nan"),
+                "val_loss": head_loss,
+                "val_accuracy": head_acc,
+                "lr": 0.0,
+            }
+        ],
+        "stopped": "completed",
+    }
+
+
+def _resume_phase(checkpoint, state, names, optimizer, scheduler, path) -> None:
+    """Continue the interrupted phase's optimizer and schedule, and the random streams."""
+    if state["epoch_in_phase"] > 0:  # stopped mid-phase: continue its optimizer
+        if checkpoint["trainable"] != names:
+            raise FinetuneError(f"{path} trains other parameters than this phase.")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    _restore_random_state(checkpoint["random"])
+
+
+def _record_epoch(
+    state: dict[str, Any], record: dict[str, Any], model: nn.Module, epochs: int, patience: int
+) -> bool:
+    """Add the epoch to ``state`` (history, best so far, early stopping); True if its phase is
+    over (it ran all its epochs or ``patience`` of them without a new best)."""
+    state["history"].append(record)
+    state["epoch"], state["epoch_in_phase"] = record["epoch"], state["epoch_in_phase"] + 1
+    score = [record["val_accuracy"], -record["val_loss"]]
+    if score > state["best_score"]:
+        state["best_score"], state["best_epoch"] = score, record["epoch"]
+        state["best_state"] = copy.deepcopy(model.state_dict())
+    if state["phase_best"] is None or score > state["phase_best"]:
+        state["phase_best"], state["stale"] = score, 0
+    else:
+        state["stale"] += 1
+    phase_over = state["stale"] >= patience or state["epoch_in_phase"] >= epochs
+    if phase_over:
+        state["phase"] += 1
+        state["epoch_in_phase"], state["phase_best"], state["stale"] = 0, None, 0
+    return phase_over
 
 
 def _save_resumable(path, identity, model, state, names, optimizer, scheduler) -> None:
