@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     backbone = create_backbone("tf_efficientnet_lite0", "packaged")
     transform = eval_transform(backbone.data_config)
-    input_size = tuple(backbone.data_config["input_size"])
+    input_size = tuple(backbone.data_config.input_size)
     engine = resolve_engine("auto")
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from graft.data_config import DataConfig
 from graft.export import read_metadata
 from graft.features import load_feature_set
 from graft.paths import ProjectPaths
@@ -96,7 +97,7 @@ def main() -> None:
             )
     test = load_feature_set(paths.features / "test.npz")
     chosen = calibration_sample(test.labels, test.sha256, args.images)
-    config = read_metadata(paths.onnx_model)["preprocessing"]
+    config = DataConfig.from_dict(read_metadata(paths.onnx_model)["preprocessing"])
     pixels = load_tensor_batch([paths.data / p for p in test.paths[chosen]], eval_transform(config))
     pixels = pixels.numpy()
     sessions = {name: session(path, args.threads) for name, path in models.items()}

@@ -15,12 +15,10 @@ from graft.preprocessing import eval_transform
 
 def test_random_backbone_gives_pooled_features_and_timms_data_config():
     backbone = create_backbone("test_efficientnet", "random")
-    assert backbone.data_config == {
-        key: list(value) if isinstance(value, tuple) else value
-        for key, value in timm.data.resolve_model_data_config(backbone.model).items()
-    }
+    timms = timm.data.resolve_model_data_config(backbone.model)
+    assert backbone.data_config.timm_kwargs() == timms
     with torch.no_grad():
-        out = backbone.model(torch.zeros(2, *backbone.data_config["input_size"]))
+        out = backbone.model(torch.zeros(2, *backbone.data_config.input_size))
     assert out.shape == (2, backbone.num_features)
     assert backbone.weights_sha256 is None
 

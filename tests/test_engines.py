@@ -24,7 +24,7 @@ def digit_paths(tmp_path_factory) -> list[Path]:
 
 
 def embed(backbone, paths, engine: str):
-    size = backbone.data_config["input_size"]
+    size = backbone.data_config.input_size
     runner = make_runner(backbone.model, size, 8, engine)
     return forward_in_batches(runner, paths, eval_transform(backbone.data_config), 8, engine)
 
@@ -47,9 +47,9 @@ def test_engines_agree_on_embeddings_of_real_images(digit_paths):
 def test_the_frozen_prefix_runs_on_either_engine(digit_paths):
     model = create_backbone("test_efficientnet", "random", num_classes=10).model
     split = split_trunk(model, 2)
-    size = create_backbone("test_efficientnet", "random").data_config["input_size"]
-    batch = load_tensor_batch(digit_paths[:5], eval_transform({"input_size": size}))
-    onnx_out = OnnxRunner(split.prefix, tuple(size), batch_size=5)(batch)
+    config = create_backbone("test_efficientnet", "random").data_config
+    batch = load_tensor_batch(digit_paths[:5], eval_transform(config))
+    onnx_out = OnnxRunner(split.prefix, config.input_size, batch_size=5)(batch)
     torch_out = TorchRunner(split.prefix)(batch)
     assert onnx_out.ndim == 4 and onnx_out.shape == torch_out.shape
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4)
@@ -57,14 +57,14 @@ def test_the_frozen_prefix_runs_on_either_engine(digit_paths):
 
 def test_a_runner_accepts_a_last_batch_smaller_than_it_was_warmed_for(digit_paths):
     backbone = create_backbone("test_efficientnet", "random")
-    runner = make_runner(backbone.model, backbone.data_config["input_size"], 8, "onnxruntime")
+    runner = make_runner(backbone.model, backbone.data_config.input_size, 8, "onnxruntime")
     batch = load_tensor_batch(digit_paths[:3], eval_transform(backbone.data_config))
     assert runner(batch).shape == (3, backbone.num_features)
 
 
 def test_a_batch_over_the_pixel_budget_runs_in_slices_with_the_same_outputs(digit_paths):
     backbone = create_backbone("test_efficientnet", "random")
-    size = tuple(backbone.data_config["input_size"])
+    size = backbone.data_config.input_size
     batch = load_tensor_batch(digit_paths[:5], eval_transform(backbone.data_config))
     whole = OnnxRunner(backbone.model, size, batch_size=5)
     two_images = 2 * size[1] * size[2]

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
         largest = model(load_tensor_batch(images, eval_transform(backbone.data_config))).abs().max()
         model.get_classifier().weight.mul_(300.0 / float(largest))
         model.get_classifier().bias.mul_(300.0 / float(largest))
-    path = export_onnx(model, backbone.data_config["input_size"], folder / "model.onnx")
+    path = export_onnx(model, backbone.data_config.input_size, folder / "model.onnx")
     return model, backbone.data_config, images, path
 
 
@@ -51,18 +51,18 @@ def test_float_noise_on_large_logits_passes_parity_and_a_real_mismatch_fails(tin
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
         next(m for m in other.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(1.01)
-    wrong = export_onnx(other, config["input_size"], tmp_path / "wrong.onnx")
+    wrong = export_onnx(other, config.input_size, tmp_path / "wrong.onnx")
     mismatch, _ = parity_on_images(model, wrong, images, eval_transform(config))
     assert not mismatch.within(PARITY_LIMIT, 0.0), mismatch
 
 
 def test_the_uint8_variant_equals_the_float_pipeline_on_real_images(tiny, tmp_path):
     _, config, images, path = tiny
-    variant = uint8_nhwc_variant(onnx.load(str(path)), config["mean"], config["std"])
+    variant = uint8_nhwc_variant(onnx.load(str(path)), config.mean, config.std)
     (given,) = variant.graph.input
     assert given.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = [d.dim_value or d.dim_param for d in given.type.tensor_type.shape.dim]
-    assert dims == ["batch", *config["input_size"][1:], 3]  # NHWC at the model's size
+    assert dims == ["batch", *config.input_size[1:], 3]  # NHWC at the model's size
     onnx.save(variant, str(tmp_path / "portable.onnx"))
     pixels = np.stack([resize_and_crop(config)(load_rgb(image)) for image in images])
     assert pixels.dtype == np.uint8
@@ -75,9 +75,9 @@ def test_the_uint8_variant_equals_the_float_pipeline_on_real_images(tiny, tmp_pa
 
 def test_a_model_without_one_float_image_input_cannot_take_uint8(tiny):
     _, config, _, path = tiny
-    variant = uint8_nhwc_variant(onnx.load(str(path)), config["mean"], config["std"])
+    variant = uint8_nhwc_variant(onnx.load(str(path)), config.mean, config.std)
     with pytest.raises(PortableGraphError, match="float32 image input"):
-        uint8_nhwc_variant(variant, config["mean"], config["std"])
+        uint8_nhwc_variant(variant, config.mean, config.std)
 
 
 def test_every_export_has_labels_a_version_a_doc_string_and_a_portable_twin(tiny_project):

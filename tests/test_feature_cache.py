@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_cold_run_embeds_every_image_in_shards_and_matches_the_engine(digits, tm
     assert [result.labels[i] for i in sets["train"].labels] == list(train["label"])
     # The same images run straight through the engine, without any cache.
     backbone = result.backbone
-    runner = make_runner(backbone.model, backbone.data_config["input_size"], 4, "torch")
+    runner = make_runner(backbone.model, backbone.data_config.input_size, 4, "torch")
     fresh = forward_in_batches(
         runner, [data / p for p in train["path"]], eval_transform(backbone.data_config), 4, "t"
     )
@@ -218,10 +219,7 @@ def test_another_precision_or_preprocessing_is_another_key(digits, tmp_path):
         int8.feature_sets["train"].features, fp32.feature_sets["train"].features
     )
     backbone = fp32.backbone
-    other = type(backbone)(
-        backbone.model, backbone.name, backbone.weights, backbone.weights_sha256,
-        {**backbone.data_config, "crop_pct": 0.5},
-    )  # fmt: skip
+    other = replace(backbone, data_config=replace(backbone.data_config, crop_pct=0.5))
     assert embed(rows, data, other, PARAMS, tmp_path / "cache").report.computed == len(rows)
 
 

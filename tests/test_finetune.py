@@ -59,7 +59,7 @@ def run(digits, params: FinetuneParams, **kwargs):
         val_paths,
         val_y,
         eval_transform(config),
-        config["input_size"],
+        config.input_size,
         params,
         "onnxruntime",
         train_transform=train_transform,
@@ -261,7 +261,7 @@ def test_the_augmentation_never_flips_by_default_and_keeps_the_input_size(digits
     from graft.data.images import load_image
 
     image = load_image(digits["train"][0][0])
-    assert tuple(transform(image).shape) == tuple(digits["data_config"]["input_size"])
+    assert tuple(transform(image).shape) == tuple(digits["data_config"].input_size)
 
 
 def test_a_phase_of_zero_epochs_is_skipped(digits):

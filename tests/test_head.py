@@ -17,7 +17,10 @@ from graft.classifier import (
     save_checkpoint,
 )
 from graft.config import HeadParams
+from graft.data_config import DataConfig
 from graft.head import HeadError, train_head
+
+TINY_CONFIG = DataConfig((3, 32, 32), "bicubic", 0.875, "center", (0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_a_nan_loss_stops_the_head_with_a_clear_message(pixels):
 
 
 def test_an_mlp_head_travels_through_its_model_files(tmp_path):
-    spec = ModelSpec("test_efficientnet", "random", None, {"input_size": [3, 32, 32]}, list("ab"))
+    spec = ModelSpec("test_efficientnet", "random", None, TINY_CONFIG, list("ab"))
     features = np.random.default_rng(0).normal(size=(40, 256)).astype(np.float32)
     labels = np.arange(40) % 2
     result = train_head(features, labels, features, labels, 2, HeadParams(kind="mlp", epochs=5))
@@ -90,7 +93,7 @@ def test_an_mlp_head_travels_through_its_model_files(tmp_path):
 
 def test_the_same_checkpoint_saved_twice_has_the_same_bytes(tmp_path):
     """An identical re-run writes identical .pt files, so DVC re-runs nothing after them."""
-    spec = ModelSpec("test_efficientnet", "random", None, {"input_size": [3, 32, 32]}, list("ab"))
+    spec = ModelSpec("test_efficientnet", "random", None, TINY_CONFIG, list("ab"))
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 2)
     checkpoint = Checkpoint(spec, "head", head.state_dict(), {"val_accuracy": 0.5})

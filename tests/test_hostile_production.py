@@ -457,13 +457,17 @@ def test_the_bound_holds_in_both_preprocessings_even_without_the_loader():
     """timm's eval transform (training, export, promotion) and serving's NumPy copy refuse an
     out-of-proportion image handed to them directly, before resizing it."""
     from graft.data.images import ImageRejected
+    from graft.data_config import DataConfig
     from graft.export import read_metadata
     from graft.preprocessing import eval_transform
     from graft.serving.model import Preprocessing
 
     config = read_metadata(DIGITS_MODEL)["preprocessing"]
     line = Image.new("RGB", (20000, 1))
-    for preprocess in (eval_transform(config), Preprocessing.from_config(config)):
+    for preprocess in (
+        eval_transform(DataConfig.from_dict(config)),
+        Preprocessing.from_config(config),
+    ):
         with pytest.raises(ImageRejected) as refused:
             preprocess(line)
         assert refused.value.reason == "extreme_aspect_ratio"
@@ -472,13 +476,17 @@ def test_the_bound_holds_in_both_preprocessings_even_without_the_loader():
 
 def test_memory_running_out_is_a_refused_image_never_a_memory_error(monkeypatch):
     from graft.data.images import ImageRejected, decode_image
+    from graft.data_config import DataConfig
     from graft.export import read_metadata
     from graft.preprocessing import eval_transform
     from graft.serving.model import Preprocessing
 
     digit = png_of_size(16, 16)
     config = read_metadata(DIGITS_MODEL)["preprocessing"]
-    preprocessings = (eval_transform(config), Preprocessing.from_config(config))
+    preprocessings = (
+        eval_transform(DataConfig.from_dict(config)),
+        Preprocessing.from_config(config),
+    )
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from graft.classifier import ModelSpec
+from graft.data_config import DataConfig
 from graft.export import Parity
 from graft.model_card import model_card_markdown
 
@@ -36,14 +37,14 @@ def card(
         backbone="tf_efficientnet_lite0",
         weights=weights,
         weights_sha256=sha256,
-        data_config={
-            "input_size": [3, 224, 224],
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-        },
+        data_config=DataConfig(
+            input_size=(3, 224, 224),
+            interpolation="bicubic",
+            crop_pct=0.875,
+            crop_mode="center",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
         labels=["cat", "dog"],
     )
     metadata = {"candidate": candidate, "data_version": "d1", "git_revision": "g1"}

@@ -69,10 +69,10 @@ def test_a_source_model_loads_as_a_backbone_with_its_preprocessing_and_hash(pret
     )
     assert backbone.weights_sha256 == sidecar["sha256"]
     config = backbone.data_config
-    assert config["input_size"] == [3, 32, 32]
-    assert config["interpolation"] == "bicubic"
-    assert config["crop_pct"] == pytest.approx(0.9)
-    assert config["mean"] == sidecar["pretrained_cfg"]["mean"]
+    assert config.input_size == (3, 32, 32)
+    assert config.interpolation == "bicubic"
+    assert config.crop_pct == pytest.approx(0.9)
+    assert list(config.mean) == sidecar["pretrained_cfg"]["mean"]
     # The file's tensors exactly, and nothing but the trunk (no classifier of the source task).
     saved = load_file(weights)
     loaded = backbone.model.state_dict()

@@ -21,6 +21,7 @@ timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
 from graft.classifier import build_classifier, load_checkpoint  # noqa: E402
+from graft.data_config import DataConfig  # noqa: E402
 from graft.export import read_metadata  # noqa: E402
 from graft.files import read_json  # noqa: E402
 from graft.preprocessing import eval_transform  # noqa: E402
@@ -101,7 +102,8 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_serving_preprocessing_equals_timm_eval_transform(name):
     config = CONFIGS[name]
-    ours, timms = Preprocessing.from_config(config), eval_transform(config)
+    ours = Preprocessing.from_config(config)
+    timms = eval_transform(DataConfig.from_dict(config))
     for image in real_images():
         expected = timms(image).numpy()
         got = ours(image)
@@ -118,7 +120,8 @@ def test_serving_preprocessing_equals_timm_for_timm_s_own_data_configs():
     ):
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
         config = timm.data.resolve_model_data_config(model)
-        ours, timms = Preprocessing.from_config(config), eval_transform(config)
+        ours = Preprocessing.from_config(config)
+        timms = eval_transform(DataConfig.from_dict(config))
         for image in real_images()[:4]:
             assert np.abs(ours(image) - timms(image).numpy()).max() <= 1e-6, model_name
 

@@ -26,6 +26,7 @@ import timm
 import torch
 from torch import nn
 
+from graft.data_config import DataConfig
 from graft.errors import InputError
 from graft.files import file_sha256
 
@@ -61,19 +62,16 @@ class Backbone:
     name: str
     weights: str
     weights_sha256: str | None
-    data_config: dict[str, Any]
+    data_config: DataConfig
 
     @property
     def num_features(self) -> int:
         return int(self.model.num_features)
 
 
-def data_config_of(model: nn.Module) -> dict[str, Any]:
-    """timm's data config of ``model``, as JSON-friendly lists instead of tuples."""
-    config = timm.data.resolve_model_data_config(model)
-    return {
-        key: list(value) if isinstance(value, tuple) else value for key, value in config.items()
-    }
+def data_config_of(model: nn.Module) -> DataConfig:
+    """timm's data config of ``model``."""
+    return DataConfig.from_dict(timm.data.resolve_model_data_config(model))
 
 
 def state_dict_sha256(model: nn.Module) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from graft.backbones import WeightsError, create_backbone
+from graft.data_config import DataConfig
 from graft.errors import GraftError, MissingInputError
 from graft.files import read_json, replacing, write_json
 from graft.head import make_head
@@ -37,8 +38,16 @@ class ModelSpec:
     backbone: str
     weights: str
     weights_sha256: str | None
-    data_config: dict[str, Any]
+    data_config: DataConfig
     labels: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (in spec.json and every checkpoint)."""
+        return {**asdict(self), "data_config": self.data_config.as_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        return cls(**{**values, "data_config": DataConfig.from_dict(values["data_config"])})
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Checkpoint:
 
 def write_spec(path: Path, spec: ModelSpec) -> None:
     """Write ``spec`` as JSON (``artifacts/features/spec.json``: what the features come from)."""
-    write_json(path, asdict(spec))
+    write_json(path, spec.as_dict())
 
 
 def read_spec(path: Path) -> ModelSpec:
@@ -60,14 +69,14 @@ def read_spec(path: Path) -> ModelSpec:
     Raises:
         MissingInputError: if ``path`` does not exist yet.
     """
-    return ModelSpec(**read_json(path))
+    return ModelSpec.from_dict(read_json(path))
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write ``path`` through a temporary file so a good model is never half-replaced."""
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "spec": asdict(checkpoint.spec),
+        "spec": checkpoint.spec.as_dict(),
         "kind": checkpoint.kind,
         "state_dict": checkpoint.state_dict,
         "info": checkpoint.info,
@@ -85,7 +94,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a graft model file ({CHECKPOINT_FORMAT}).")
     return Checkpoint(
-        ModelSpec(**payload["spec"]), payload["kind"], payload["state_dict"], payload["info"]
+        ModelSpec.from_dict(payload["spec"]),
+        payload["kind"],
+        payload["state_dict"],
+        payload["info"],
     )
 
 

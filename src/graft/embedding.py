@@ -29,6 +29,7 @@ import pandas as pd
 from graft.backbones import Backbone, create_backbone, state_dict_sha256
 from graft.config import BackboneParams, FeaturesParams, HeadParams
 from graft.data.splits import SPLITS
+from graft.data_config import DataConfig
 from graft.engines import OnnxRunner, Runner, TorchRunner, export_engine, resolve_engine
 from graft.errors import GraftError
 from graft.feature_cache import EmbeddingKey, FeatureCache, Precision
@@ -72,7 +73,7 @@ class Embedding:
 
 def embedding_key(backbone: Backbone, precision: Precision = "fp32") -> EmbeddingKey:
     weights = backbone.weights_sha256 or f"state:{state_dict_sha256(backbone.model)}"
-    return EmbeddingKey(backbone.name, weights, backbone.data_config, precision)
+    return EmbeddingKey(backbone.name, weights, backbone.data_config.as_dict(), precision)
 
 
 def embed(
@@ -169,7 +170,7 @@ class EngineSpec:
     engine: str  # "onnxruntime" or "torch"
     input_size: tuple[int, ...]
     batch_size: int
-    data_config: dict[str, Any]
+    data_config: DataConfig
     onnx: bytes | None = None  # onnxruntime: the exported (or quantized) model
     backbone: tuple[str, str, str | None] | None = None  # torch: (name, weights, sha256)
     threads: int | None = None
@@ -186,7 +187,7 @@ def engine_spec(
     """Prepare the engine of ``cache``'s key: export (and quantize) into the cache if needed."""
     precision = cache.key.precision
     engine = resolve_engine(params.engine)
-    input_size = tuple(backbone.data_config["input_size"])
+    input_size = backbone.data_config.input_size
     common = dict(
         key=cache.key.digest(),
         input_size=input_size,
@@ -213,7 +214,7 @@ def _fp32_engine(backbone: Backbone, cache: FeatureCache) -> bytes:
     """The cached fp32 engine, exported (again) unless an intact one is there."""
     engine = cache.verified_engine()
     if engine is None:
-        export_engine(backbone.model, tuple(backbone.data_config["input_size"]), cache.onnx_path)
+        export_engine(backbone.model, backbone.data_config.input_size, cache.onnx_path)
         engine = cache.record_engine()
     return engine
 
@@ -276,7 +277,7 @@ def compute_shard(spec: EngineSpec, sources: Sequence[ImageSource]) -> np.ndarra
 
 
 def _calibration(
-    rows: pd.DataFrame, data_dir: Path, data_config: dict[str, Any], params: FeaturesParams
+    rows: pd.DataFrame, data_dir: Path, data_config: DataConfig, params: FeaturesParams
 ) -> Callable[[], Iterator[np.ndarray]]:
     """Batches of training images for INT8: every class in proportion (graft.quantize)."""
 

@@ -97,7 +97,7 @@ def model_card_markdown(
     ``head`` is the candidate checkpoint's head architecture (``info["head"]``; None: linear),
     ``probe`` its probe search (``info["probe"]``) when the head is the cross-validated probe.
     """
-    config = spec.data_config
+    config = spec.data_config.as_dict()
     low, high = metrics["accuracy_ci95"]
     lines = [
         "# Model card: graft image classifier",

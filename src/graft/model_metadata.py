@@ -37,7 +37,7 @@ def model_metadata(
         {
             "graft_version": graft.__version__,
             "labels": list(spec.labels),
-            "preprocessing": spec.data_config,
+            "preprocessing": spec.data_config.as_dict(),
             "backbone": spec.backbone,
             "weights": spec.weights,
             "weights_sha256": spec.weights_sha256 or "",
@@ -59,7 +59,7 @@ def contract_doc_string(
     spec: ModelSpec, *, uint8_input: bool = False, input_name: str = "image"
 ) -> str:
     """The ONNX ``doc_string``: what goes in and comes out, for a client outside Python."""
-    config = spec.data_config
+    config = spec.data_config.as_dict()
     channels, height, width = config["input_size"]
     resize = (
         f"resize ({config.get('interpolation')}, crop_pct {config.get('crop_pct')}, "

@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import timm.data
@@ -20,6 +19,7 @@ from graft.data.images import (
     decode_image,
     keep_ratio_pixels,
 )
+from graft.data_config import DataConfig
 from graft.errors import InputError
 
 ImageSource = Path | bytes  # a file, or its bytes (shipped to a remote worker)
@@ -29,16 +29,11 @@ class UnreadableImageError(InputError):
     """An image the manifest lists as usable does not decode any more."""
 
 
-def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(data_config: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     """timm's evaluation transform (resize, centre crop, normalise) for ``data_config``, behind
     the loader's resize bound (:func:`graft.data.images.check_resize_bound`)."""
-    config = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in data_config.items()
-    }
-    transform = timm.data.create_transform(**config, is_training=False)
-    crop_pct = config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
-    shorter_side = math.floor(max(config["input_size"][1:]) / crop_pct)
+    transform = timm.data.create_transform(**data_config.timm_kwargs(), is_training=False)
+    shorter_side = math.floor(max(data_config.input_size[1:]) / data_config.crop_pct)
     return BoundedTransform(transform, shorter_side)
 
 
@@ -59,7 +54,7 @@ class BoundedTransform:
             raise ImageRejected("too_many_pixels", "not enough memory to preprocess it") from None
 
 
-def resize_and_crop(data_config: dict[str, Any]) -> Callable[[Image.Image], np.ndarray]:
+def resize_and_crop(data_config: DataConfig) -> Callable[[Image.Image], np.ndarray]:
     """The geometric steps of :func:`eval_transform` alone: an RGB image resized and cropped to
     the model's input size, as ``uint8`` ``(height, width, 3)`` pixels (what a model with its
     normalisation inside the graph takes, see :mod:`graft.portable`)."""

@@ -140,12 +140,14 @@ def test_images(paths: ProjectPaths) -> tuple[list[Path], list[str]]:
 
 def onnx_probabilities(model_path: Path, images: list[Path], batch_size: int = 64) -> np.ndarray:
     """Class probabilities of an exported model on ``images``, preprocessed as its metadata says."""
+    from graft.data_config import DataConfig
     from graft.export import read_metadata
     from graft.numeric import softmax
     from graft.preprocessing import eval_transform, load_tensor_batch
     from graft.runtime import inference_session, run_single
 
-    transform = eval_transform(read_metadata(model_path)["preprocessing"])
+    config = DataConfig.from_dict(read_metadata(model_path)["preprocessing"])
+    transform = eval_transform(config)
     session = inference_session(model_path)
     logits = [
         run_single(session, load_tensor_batch(images[i : i + batch_size], transform).numpy())

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from graft.data.images import ImageRejected, check_resize_bound, decode_image
+from graft.data_config import REQUIRED_KEYS, DataConfig
 from graft.errors import GraftError, InputError
 from graft.model_metadata import decode_metadata
 from graft.numeric import softmax
@@ -39,8 +40,6 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 CROP_MODES = ("center", "squash")
-# What timm's eval transform assumes when the data config leaves them out.
-DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 0.875, "center"
 
 
 class ModelError(InputError):
@@ -52,23 +51,12 @@ class NonFiniteOutputError(GraftError):
 
 
 @dataclass(frozen=True)
-class Preprocessing:
+class Preprocessing(DataConfig):
     """timm's evaluation transform in Pillow and NumPy: resize, centre crop, normalise.
 
-    Attributes:
-        input_size: ``(channels, height, width)`` of one model input.
-        interpolation: a timm name, one of ``INTERPOLATIONS``.
-        crop_pct: the crop's share of the resized image (the resize target is size / crop_pct).
-        crop_mode: ``center`` (keep the aspect ratio, crop the middle) or ``squash``.
-        mean, std: per-channel normalisation of pixel values scaled to [0, 1].
+    The config it applies is the :class:`graft.data_config.DataConfig` the model was trained
+    with; serving supports the ``INTERPOLATIONS`` and ``CROP_MODES`` below.
     """
-
-    input_size: tuple[int, int, int]
-    interpolation: str
-    crop_pct: float
-    crop_mode: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "the model") -> Preprocessing:
@@ -89,19 +77,15 @@ class Preprocessing:
     def _from_config(cls, config: dict[str, Any], source: str) -> Preprocessing:
         if not isinstance(config, dict):
             raise TypeError(f"it is a {type(config).__name__}, not a JSON object")
-        missing = [
-            key for key in ("input_size", "interpolation", "mean", "std") if key not in config
-        ]
+        missing = [key for key in REQUIRED_KEYS if key not in config]
         if missing:
             raise ModelError(
                 f"{source}: its preprocessing metadata lacks {', '.join(missing)}; "
                 "re-export the model with `graft export`."
             )
-        input_size = tuple(int(v) for v in config["input_size"])
-        interpolation = str(config["interpolation"])
-        crop_mode = str(config.get("crop_mode") or DEFAULT_CROP_MODE)
-        crop_pct = float(config.get("crop_pct") or DEFAULT_CROP_PCT)
-        mean, std = tuple(map(float, config["mean"])), tuple(map(float, config["std"]))
+        read = DataConfig.from_dict(config)
+        input_size, interpolation, crop_mode = read.input_size, read.interpolation, read.crop_mode
+        crop_pct, mean, std = read.crop_pct, read.mean, read.std
         problems = []
         if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
             problems.append(f"input_size {list(input_size)} is not [3, height, width]")
@@ -115,18 +99,11 @@ class Preprocessing:
             problems.append(f"mean {list(mean)} / std {list(std)} are not 3 values (std > 0)")
         if problems:
             raise ModelError(f"{source}: cannot serve its preprocessing: {'; '.join(problems)}.")
-        return cls(input_size, interpolation, crop_pct, crop_mode, mean, std)  # type: ignore[arg-type]
+        return cls(input_size, interpolation, crop_pct, crop_mode, mean, std)
 
     def as_config(self) -> dict[str, Any]:
         """The same keys as timm's data config, JSON-ready."""
-        return {
-            "input_size": list(self.input_size),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+        return self.as_dict()
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """One RGB image as a normalised ``(3, height, width)`` float32 array.

@@ -50,7 +50,7 @@ def main(root: Path = Path(".")) -> Blessing:
     probabilities = {"head": softmax(head_logits)}
     if not finetune_metrics["skipped"]:
         model = build_classifier(load_checkpoint(paths.finetuned_model))
-        input_size = head_ckpt.spec.data_config["input_size"]
+        input_size = head_ckpt.spec.data_config.input_size
         batch_size = params.features.batch_size
         logits = forward_in_batches(
             make_runner(model, input_size, batch_size, params.features.engine),

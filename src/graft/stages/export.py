@@ -69,7 +69,7 @@ def main(root: Path = Path(".")) -> Parity:
     with replacing(paths.onnx_model) as candidate:  # a refusal below leaves the old model
         export_onnx(
             model,
-            spec.data_config["input_size"],
+            spec.data_config.input_size,
             candidate,
             opset=limits.opset,
             metadata=metadata,
@@ -178,7 +178,7 @@ def _portable(
         write_text_atomic(folder / "README.txt", "export.preprocess_in_graph is off.\n")
         return {"made": False}
     config = spec.data_config
-    variant = uint8_nhwc_variant(onnx.load(str(paths.onnx_model)), config["mean"], config["std"])
+    variant = uint8_nhwc_variant(onnx.load(str(paths.onnx_model)), config.mean, config.std)
     with replacing(folder / "model.onnx") as temporary:
         onnx.save(variant, str(temporary))
     _describe_variant(

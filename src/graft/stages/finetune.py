@@ -90,7 +90,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             val_paths,
             val_y,
             eval_transform(spec.data_config),
-            spec.data_config["input_size"],
+            spec.data_config.input_size,
             settings,
             params.features.engine,
             train_transform=train_transform(spec.data_config, settings, params.data.invariances),

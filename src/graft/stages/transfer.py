@@ -76,7 +76,7 @@ def main(root: Path = Path(".")) -> TransferComparison:
         "architecture": architecture,
         "weights": settings.weights,
         "weights_sha256": transferred.weights_sha256,
-        "data_config": transferred.data_config,
+        "data_config": transferred.data_config.as_dict(),
         "labels": data.labels,
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "training": settings.training.model_dump(mode="json"),

@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from graft.backbones import (
-    SIDECAR_CONFIG_KEYS,
     SIDECAR_FORMAT,
     Backbone,
     create_backbone,
@@ -38,6 +37,7 @@ from graft.classifier import attach_head
 from graft.config import FinetuneParams, HeadParams, PretrainParams, TrainingParams
 from graft.data.manifest import usable_rows
 from graft.data.splits import SPLITS
+from graft.data_config import DataConfig
 from graft.engines import Engine, make_runner
 from graft.errors import InputError
 from graft.features import forward_in_batches
@@ -138,15 +138,10 @@ def with_input_config(
     return replace(backbone, data_config=data_config_of(model))
 
 
-def with_data_config(backbone: Backbone, data_config: dict[str, Any]) -> Backbone:
+def with_data_config(backbone: Backbone, data_config: DataConfig) -> Backbone:
     """``backbone`` preprocessing exactly as ``data_config`` (another backbone's) says."""
     model = backbone.model
-    overlay = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in data_config.items()
-        if key in SIDECAR_CONFIG_KEYS
-    }
-    model.pretrained_cfg = {**model.pretrained_cfg, **overlay}
+    model.pretrained_cfg = {**model.pretrained_cfg, **data_config.timm_kwargs()}
     return replace(backbone, data_config=data_config_of(model))
 
 
@@ -204,7 +199,7 @@ def train_classifier(
     config = backbone.data_config
     transform = eval_transform(config)
     batch = training.batch_size
-    runner = make_runner(backbone.model.eval(), config["input_size"], 64, engine)
+    runner = make_runner(backbone.model.eval(), config.input_size, 64, engine)
     train_x = forward_in_batches(runner, data.train.paths, transform, 64, f"{name} probe (train)")
     val_x = forward_in_batches(runner, data.val.paths, transform, 64, f"{name} probe (val)")
     head = train_head(
@@ -236,7 +231,7 @@ def train_classifier(
         data.val.paths,
         data.val.labels,
         transform,
-        config["input_size"],
+        config.input_size,
         finetune_params(training, len(model.blocks)),
         engine,
         on_epoch=on_epoch,
@@ -247,7 +242,7 @@ def train_classifier(
         result.val_accuracy, result.best_epoch = best_trained["accuracy"], best_trained["epoch"]
     model.load_state_dict(result.state_dict)
     model.eval()
-    test_accuracy = accuracy_on(model, data.test, transform, config["input_size"], batch)
+    test_accuracy = accuracy_on(model, data.test, transform, config.input_size, batch)
     history = [
         {"epoch": r["epoch"], "seconds": seconds.get(r["epoch"]), "val_accuracy": r["val_accuracy"]}
         for r in result.history
@@ -308,7 +303,6 @@ def save_source_model(
     path = directory / WEIGHTS_NAME
     with replacing(path) as temporary:
         save_file(tensors, str(temporary))
-    config = data_config_of(trunk)
     write_json(
         sidecar_path(path),
         {
@@ -316,7 +310,7 @@ def save_source_model(
             "architecture": architecture,
             "weights_file": path.name,
             "sha256": file_sha256(path),
-            "pretrained_cfg": {key: config[key] for key in SIDECAR_CONFIG_KEYS if key in config},
+            "pretrained_cfg": data_config_of(trunk).as_dict(),
             "provenance": provenance,
         },
     )

@@ -95,7 +95,7 @@ def time_per_image(
     size first, and the best of ``repeats`` runs counts (the least disturbed by other work).
     """
     batch = load_tensor_batch(images, eval_transform(backbone.data_config))
-    input_size = backbone.data_config["input_size"]
+    input_size = backbone.data_config.input_size
     runner = make_runner(backbone.model, input_size, len(images), engine, onnx_path=onnx_path)
     runner(batch)
     best = float("inf")
