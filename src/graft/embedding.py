@@ -234,7 +234,7 @@ def _int8_engine(
     print(f"features: quantizing {backbone.name} to INT8, calibrated on training images")
     with tempfile.TemporaryDirectory(prefix="graft-int8-") as folder:
         fp32 = export_engine(
-            backbone.model, tuple(backbone.data_config["input_size"]), Path(folder) / "fp32.onnx"
+            backbone.model, backbone.data_config.input_size, Path(folder) / "fp32.onnx"
         )
         quantize_static_qdq(fp32, cache.onnx_path, calibration())
     return cache.record_engine()
