@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 from graft.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+from graft.data.splits import SPLITS
 
-SPLIT_FOLDERS = ("train", "val", "test")
+SPLIT_FOLDERS = SPLITS  # data/{train,val,test}/<class>/: fixed splits
 # Quarantine reasons known from the folder listing alone, before a file is opened.
 BROKEN_SYMLINK = "broken_symlink"
 SYMLINK_OUTSIDE_DATA = "symlink_outside_data"
