@@ -373,7 +373,9 @@ def worst_activations(
 
     Each entry: ``tensor`` and the ``node`` that computes it, ``sqnr_db`` (signal-to-noise of
     the INT8 model's activation against the float model's: the error accumulated up to there)
-    and ``local_sqnr_db`` (of its own quantize-dequantize step), lowest ``sqnr_db`` first.
+    and ``local_sqnr_db`` (of its own quantize-dequantize step; where a ReLU6's Clip was folded
+    into the quantization, it compares with the unclipped value and is low by construction),
+    lowest ``sqnr_db`` first.
     Measured with onnxruntime's ``qdq_loss_debug``.
     """
     with tempfile.TemporaryDirectory(prefix="graft-qdq-debug-") as folder:
