@@ -184,29 +184,37 @@ def _check_export_is_current(paths: ProjectPaths) -> None:
 
 
 @contextmanager
-def production_lock(production: Path, action: str) -> Iterator[None]:
+def production_lock(production: Path, action: str, wait_s: float = 3.0) -> Iterator[None]:
     """Hold ``production/.lock`` exclusively for one promotion or rollback.
 
     The kernel releases the lock when its holder exits, even by SIGKILL, so a killed promotion
-    never blocks the next one.
+    never blocks the next one. A holder killed while it was starting its infra-check server can
+    leave that half-started child holding the lock for a moment as it dies: the lock is tried
+    again for ``wait_s`` before the refusal.
 
     Raises:
-        ProductionBusy: naming the holder, if another process holds the lock.
+        ProductionBusy: naming the holder, if another process still holds the lock.
     """
     import fcntl  # POSIX; imported here so that the rest of the module imports everywhere
 
     production.mkdir(parents=True, exist_ok=True)
     lock = production / ".lock"
     with lock.open("a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ProductionBusy(
-                f"{production} is busy: {holder} holds {lock}. Production is untouched; run "
-                f"`graft {action}` again when it has finished."
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise ProductionBusy(
+                    f"{production} is busy: {holder} holds {lock}. Production is untouched; "
+                    f"run `graft {action}` again when it has finished."
+                ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"`graft {action}` (pid {os.getpid()}, since {_now()})\n")
