@@ -47,7 +47,7 @@ run: sample-data  ## run the Prefect training flow end to end (validate ... expo
 	$(BIN)/python flows/training.py
 
 # graft check-data first: plain `dvc repro` records a changed data/ itself and replaces links
-# under it by copies; this stops instead, naming what changed (`dvc add data` records it).
+# under it by copies; this stops instead, naming what changed (`graft check-data --record` records it).
 repro: sample-data  ## the same pipeline through `dvc repro`, after graft check-data
 	$(BIN)/graft check-data
 	$(BIN)/dvc repro

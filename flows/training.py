@@ -132,7 +132,8 @@ def check_data(project_dir: Path, record: bool) -> str:
 
     found = main(project_dir, record=record)
     messages = {
-        "untracked": "No data.dvc: data/ is not versioned by DVC (`dvc add data` versions it).",
+        "untracked": "No data.dvc: data/ is not versioned by DVC (`graft check-data --record` "
+        "versions it).",
         "absent": "data/ is empty: dvc pull brings the version data.dvc records.",
         "unchanged": "data/ is the version data.dvc records.",
         "recorded": "data/ differed from data.dvc: recorded (flow.record_data: true); "

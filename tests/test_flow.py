@@ -283,7 +283,7 @@ def test_the_flow_never_pulls_over_changed_data_and_records_it_when_asked(
     said = " ".join((flow.stdout + flow.stderr).split())
     assert "moved: data/1/digit_0001.png -> data/7/digit_0001.png" in said
     assert "added: data/3/new.png" in said and "deleted: data/4/digit_0004.png" in said
-    assert "`dvc add data`" in said and "flow.record_data: true" in said
+    assert "`graft check-data --record`" in said and "flow.record_data: true" in said
 
     write_params(paths.root, {"flow": {"record_data": True}})
     with data_unchanged(data):

@@ -127,7 +127,7 @@ def test_check_data_names_a_relabel_an_addition_a_deletion_and_records_only_when
         message = " ".join(refused.stderr.split())
         assert "moved: data/1/digit_0001.png -> data/2/digit_0001.png" in message
         assert "added: data/3/new.png" in message and "deleted: data/4/digit_0004.png" in message
-        assert "`dvc add data`" in message
+        assert "`graft check-data --record`" in message
         assert dvc_project.data_dvc.read_text() == recorded
 
         recording = graft(dvc_project.root, "check-data", "--record")
@@ -137,6 +137,25 @@ def test_check_data_names_a_relabel_an_addition_a_deletion_and_records_only_when
     assert "data/: unchanged" in graft(dvc_project.root, "check-data").stdout
     status = dvc(dvc_project.root, "status", "data.dvc").stdout
     assert "up to date" in status
+
+
+def test_check_data_record_versions_an_untracked_data_folder_without_touching_it(
+    tmp_path: Path,
+):
+    paths = make_project(tmp_path / "project")
+    assert run(paths.root, "git", "init", "--quiet").returncode == 0
+    dvc(paths.root, "init", "--quiet")
+    dvc(paths.root, "config", "core.analytics", "false")
+    (paths.data / "2" / "link.png").symlink_to(sorted((paths.data / "2").iterdir())[0])
+
+    with data_unchanged(paths.data):
+        assert "data/: untracked" in graft(paths.root, "check-data").stdout
+        recording = graft(paths.root, "check-data", "--record")
+        assert recording.returncode == 0, recording.stdout + recording.stderr
+
+    assert "data/: recorded" in recording.stdout and paths.data_dvc.is_file()
+    assert (paths.data / "2" / "link.png").is_symlink()  # `dvc add data` would copy it
+    assert "up to date" in dvc(paths.root, "status", "data.dvc").stdout
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,9 @@ def main(root: Path = Path("."), *, record: bool = False) -> str:
     """Check ``root/data`` against ``root/data.dvc`` before any DVC command may write there.
 
     Returns:
-        What was found: ``untracked`` (no data.dvc), ``absent`` (no data yet: ``dvc pull``
-        brings the recorded version), ``unchanged``, or ``recorded`` (changed, and ``record``).
+        What was found: ``untracked`` (no data.dvc, and not ``record``), ``absent`` (no data
+        yet: ``dvc pull`` brings the recorded version), ``unchanged``, or ``recorded`` (changed
+        or untracked, and ``record``).
 
     Raises:
         DataNotRecorded: an entry DVC would fail on, hang on or copy from outside ``data/``;
@@ -72,9 +73,13 @@ def main(root: Path = Path("."), *, record: bool = False) -> str:
             f"Remove or fix them (copy a linked file into {paths.data} instead); "
             "nothing was run."
         )
+    has_data = paths.data.is_dir() and any(paths.data.iterdir())
     if not paths.data_dvc.is_file():
+        if record and has_data and (paths.root / ".dvc").is_dir():
+            _dvc(paths.root, "add", "--quiet", "--no-relink", "data")
+            return "recorded"
         return "untracked"
-    if not paths.data.is_dir() or not any(paths.data.iterdir()):
+    if not has_data:
         return "absent"
     changes = recorded_changes(paths.root)
     if not changes:
@@ -84,8 +89,9 @@ def main(root: Path = Path("."), *, record: bool = False) -> str:
             f"{paths.data} differs from the version {paths.data_dvc} records:\n"
             f"{changes.describe()}\n"
             "Nothing was pulled or run, and nothing under data/ was touched. To train on data/ "
-            "as it is, record it: `dvc add data` (and commit data.dvc), or set "
-            "flow.record_data: true in params.yaml. To go back to the recorded version "
+            "as it is, record it: `graft check-data --record` (`dvc add --no-relink data`: "
+            "no file is touched; then commit data.dvc), or set flow.record_data: true in "
+            "params.yaml. To go back to the recorded version "
             "instead (this discards the changes above): `dvc pull --force data.dvc`."
         )
     _dvc(paths.root, "add", "--quiet", "--no-relink", "data")
