@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from graft.config import HeadParams
 from graft.head import HeadError, train_head
-from graft.probe import fit_probe, search_c
+from graft.probe import ProbeSearch, fit_probe, search_c
 
 GRID = [0.001, 0.01, 0.1, 1.0]
 
@@ -89,6 +89,16 @@ def test_the_probe_head_is_scored_on_val_as_fit_on_train_and_shipped_fit_on_both
     np.testing.assert_array_equal(shipped, on_both.predict(val_x))
     assert result.shipped is result.refit and result.head is not result.refit
     assert isinstance(result.refit, torch.nn.Linear) and result.architecture == {"kind": "linear"}
+
+
+def test_a_c_at_the_edge_of_the_grid_is_flagged(digits):
+    (train_x, train_y), (val_x, val_y) = digits["train"], digits["val"]
+    x, y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    assert search_c(x, y, [1e-3, 0.1], folds=3).at_grid_edge == "top"  # too strong an L2
+    assert search_c(x, y, [1e-4, 1.0, 1e4], folds=3).at_grid_edge is None
+    scores = {0.1: (0.9, 0.01), 1.0: (0.8, 0.01)}
+    assert ProbeSearch(0.1, 3, scores).at_grid_edge == "bottom"
+    assert ProbeSearch(1.0, 3, {1.0: (0.8, 0.01)}).at_grid_edge is None
 
 
 def test_a_class_smaller_than_the_folds_lowers_their_number(digits):

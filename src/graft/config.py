@@ -151,7 +151,7 @@ class HeadParams(_Section):
         "linear, mlp: full-batch AdamW on train, early-stopped on val",
     )
     c_grid: list[float] = Field(
-        default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
         description="probe only: the inverse L2 strengths cross-validated",
     )
     cv_folds: int = Field(5, ge=2, description="probe only: stratified folds over train+val")

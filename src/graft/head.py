@@ -214,6 +214,7 @@ def train_probe_head(
         "cv_accuracy": search.cv_accuracy,
         "cv_std": search.cv_std,
         "folds": search.folds,
+        "at_grid_edge": search.at_grid_edge,
         "images": len(pool_y),
         "standardize": params.standardize,
         "scores": {str(c): list(score) for c, score in search.scores.items()},

@@ -45,6 +45,16 @@ class ProbeSearch:
     def cv_std(self) -> float:
         return self.scores[self.c][1]
 
+    @property
+    def at_grid_edge(self) -> str | None:
+        """``"top"`` or ``"bottom"`` when the chosen C is the grid's largest or smallest: the
+        best C may lie beyond it (a grid of one C has no edge to speak of)."""
+        if len(self.scores) < 2:
+            return None
+        if self.c == max(self.scores):
+            return "top"
+        return "bottom" if self.c == min(self.scores) else None
+
 
 def probe_pipeline(c: float, standardize: bool, seed: int = 0) -> Pipeline:
     """scikit-learn's probe: [StandardScaler ->] LogisticRegression(C, balanced class weights)."""

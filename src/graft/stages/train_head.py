@@ -59,6 +59,11 @@ def main(root: Path = Path(".")) -> HeadResult:
             f"{search['images']} train+val images: {search['cv_accuracy']:.4f} "
             f"± {search['cv_std']:.4f}; shipped refit on train+val"
         )
+        if search["at_grid_edge"]:
+            print(
+                f"head (probe): C = {search['c']:g} is the {search['at_grid_edge']} of "
+                "head.c_grid: a C beyond it may do better; extend head.c_grid to see"
+            )
     print(
         f"head ({kind}): val accuracy {result.val_accuracy:.4f} (best epoch "
         f"{result.best_epoch} of {len(result.history)}), train accuracy "
