@@ -37,6 +37,12 @@ def test_fine_tuning_that_does_not_beat_the_head_falls_back_to_it(tiny_project):
     run_stages(tiny_project, validate, features, train_head, finetune, evaluate)
     metrics = read_json(tiny_project.metrics / "finetune.json")
     assert metrics["candidate"] == "head" and metrics["best_epoch"] == 0
+    # a few val images: the choice is made over half-splits of val, with its spread, and the
+    # head (the probe refit on train + val) is judged by its out-of-fold logits, as shipped
+    choice = metrics["candidates"]
+    assert choice["val_images"] < 200 and choice["splits"] == 200
+    assert choice["head_scored"] == "out of fold"
+    assert set(choice["heldout_accuracy"]) == {"head", "finetuned", "average"}
     assert metrics["val_accuracy"] == metrics["head_val_accuracy"]
     assert metrics["finetuned_val_accuracy"] is not None and metrics["epochs_run"] == 2
     evaluation = read_json(tiny_project.metrics / "eval.json")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from graft.config import HeadParams
 from graft.head import HeadError, train_head
-from graft.probe import ProbeSearch, fit_probe, search_c
+from graft.probe import ProbeSearch, fit_probe, out_of_fold_logits, search_c
 
 GRID = [0.001, 0.01, 0.1, 1.0]
 
@@ -99,6 +99,22 @@ def test_a_c_at_the_edge_of_the_grid_is_flagged(digits):
     scores = {0.1: (0.9, 0.01), 1.0: (0.8, 0.01)}
     assert ProbeSearch(0.1, 3, scores).at_grid_edge == "bottom"
     assert ProbeSearch(1.0, 3, {1.0: (0.8, 0.01)}).at_grid_edge is None
+
+
+def test_out_of_fold_logits_are_scikit_learns_cross_validated_predictions(digits):
+    x, y = digits["train"]
+    logits = out_of_fold_logits(x, y, 10, c=0.1, folds=5, seed=3)
+    expected = cross_val_predict(
+        LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000, random_state=3),
+        x,
+        y,
+        cv=StratifiedKFold(5, shuffle=True, random_state=3),
+        method="predict_proba",
+    )
+    np.testing.assert_allclose(_softmax(torch.from_numpy(logits)), expected, atol=1e-4)
+    # the val rows the finetune stage judges the shipped head by
+    result = train_head(x, y, *digits["val"], 10, HeadParams(c_grid=GRID, cv_folds=3))
+    assert result.val_oof_logits.shape == (200, 10)
 
 
 def test_a_class_smaller_than_the_folds_lowers_their_number(digits):

@@ -292,6 +292,22 @@ class EvaluateParams(_Section):
     min_macro_f1: float = Field(
         0.0, ge=0.0, le=1.0, description="the gate: lowest test macro-F1 a candidate may have"
     )
+    small_val_images: int = Field(
+        200,
+        ge=0,
+        description="below this many val images, the choices made on val (head, fine-tuned or "
+        "their average; the temperature; TTA) are made over repeated stratified half-splits of "
+        "val, with their spread, and the head is scored out of fold (graft.choices); 0: never",
+    )
+    val_splits: int = Field(
+        200, ge=10, description="the number of random half-splits of val for those choices"
+    )
+    tta: bool = Field(
+        True,
+        description="test-time augmentation: try averaging the model over the group of "
+        "data.invariances, inside the exported graph, and keep it only if it is more accurate "
+        "on val (nothing to try without invariances)",
+    )
     # Change gates against the production model (the champion), applied by ``graft promote``
     # on the same test images through both ONNX files. Without a champion they do not apply.
     max_accuracy_drop: float = Field(

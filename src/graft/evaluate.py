@@ -150,11 +150,15 @@ def candidate_summary(choice: dict[str, Any]) -> str:
     best = choice["candidate"]
     scores = ", ".join(f"{name} {acc:.4f}" for name, acc in choice["val_accuracy"].items())
     text = f"{best} chosen on {choice['val_images']} val images ({scores})"
+    interval = "paired bootstrap 95% interval"
+    if choice.get("splits"):  # graft.choices.choose_by_splits: a small val
+        text += f", by their held-out halves in {choice['splits']} stratified half-splits"
+        interval = "95% of the half-splits"
     close = [name for name, tied in choice["within_noise"].items() if tied]
     if close:
         low, high = choice["difference_ci95"][close[0]]
         text += (
-            f"; within noise of {' and '.join(close)} (paired bootstrap 95% interval of the "
+            f"; within noise of {' and '.join(close)} ({interval} of the "
             f"difference to {close[0]}: {low:+.4f} to {high:+.4f})"
         )
     return text

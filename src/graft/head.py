@@ -26,7 +26,7 @@ from torch import nn
 
 from graft.config import HeadParams
 from graft.errors import GraftError
-from graft.probe import cv_probe, fit_probe
+from graft.probe import cv_probe, fit_probe, out_of_fold_logits
 
 
 class HeadError(GraftError):
@@ -47,6 +47,9 @@ class HeadResult:
     # alone, so that its val accuracy is honest), and the cross-validation that chose its C.
     refit: nn.Module | None = None
     search: dict[str, Any] | None = None
+    # The probe only: the val images' logits from the probe fit on the other CV folds of
+    # train + val (out of fold): honest val scores of a probe trained as ``refit`` was.
+    val_oof_logits: np.ndarray | None = None
 
     @property
     def shipped(self) -> nn.Module:
@@ -197,6 +200,9 @@ def train_probe_head(
     pool_x, pool_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
     refit, search = cv_probe(pool_x, pool_y, num_classes, params)
     head = fit_probe(train_x, train_y, num_classes, search.c, params.standardize, params.seed)
+    oof = out_of_fold_logits(
+        pool_x, pool_y, num_classes, search.c, params.cv_folds, params.standardize, params.seed
+    )
     x_train, y_train = torch.from_numpy(train_x), torch.from_numpy(train_y).long()
     x_val, y_val = torch.from_numpy(val_x), torch.from_numpy(val_y).long()
     with torch.no_grad():
@@ -228,4 +234,5 @@ def train_probe_head(
         architecture={"kind": "linear"},
         refit=refit,
         search=summary,
+        val_oof_logits=oof[len(train_y) :],
     )

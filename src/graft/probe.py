@@ -153,6 +153,28 @@ def fit_probe(
     return linear.eval()
 
 
+def out_of_fold_logits(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    c: float,
+    folds: int = 5,
+    standardize: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
+    """Every image's logits from the probe fit (at ``c``) on the other folds: the same stratified
+    folds :func:`search_c` scores (same ``folds`` and ``seed``), so each image is judged by a
+    probe that never saw it, trained the way the shipped refit is."""
+    k = folds_for(labels, folds)
+    logits = np.zeros((len(labels), num_classes), dtype=np.float32)
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    for fit_rows, held_out in splitter.split(features, labels):
+        linear = fit_probe(features[fit_rows], labels[fit_rows], num_classes, c, standardize, seed)
+        with torch.no_grad():
+            logits[held_out] = linear(torch.from_numpy(features[held_out])).numpy()
+    return logits
+
+
 def cv_probe(
     features: np.ndarray, labels: np.ndarray, num_classes: int, params: HeadParams
 ) -> tuple[nn.Linear, ProbeSearch]:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from graft.calibration import calibrate
+from graft.choices import choose_by_splits, temperature_by_splits
 from graft.classifier import (
     Checkpoint,
     build_classifier,
@@ -101,20 +102,34 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     else:
         head_val = float(head.info["val_accuracy"])
         result = FinetuneResult(model.state_dict(), head_val, head_val, 0, [])
-    state_dict, calibration = result.state_dict, None
+    state_dict, calibration, temperature_splits = result.state_dict, None, None
+    choosing = params.evaluate  # below small_val_images val images: repeated half-splits
+    small = run and 0 < len(val_y) < choosing.small_val_images
     if run and settings.calibrate and len(val_y):
-        calibration = calibrate(model, result.val_logits.float().numpy(), val_y)
-        state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+        val_logits = result.val_logits.float().numpy()
+        if small:
+            temperature_splits = temperature_by_splits(val_logits, val_y, choosing.val_splits)
+        if temperature_splits is None or temperature_splits["kept"]:
+            calibration = calibrate(model, val_logits, val_y)
+            state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     choice = None
     candidate = "head"
     if run and len(val_y):  # head, fine-tuned or their average: the best on val
         temperature = calibration["temperature"] if calibration else 1.0
+        # The head as shipped (the probe refit on train + val) is judged by its out-of-fold
+        # val logits; a head without them (linear, mlp) is shipped as trained on train.
+        head_logits = head.info.get("val_oof_logits", result.head_val_logits)
         probabilities = {
-            "head": softmax(result.head_val_logits.float().numpy()),
+            "head": softmax(head_logits.float().numpy()),
             "finetuned": softmax(result.val_logits.float().numpy() / temperature),
         }
         probabilities["average"] = average_probabilities(list(probabilities.values()))
-        choice = choose_candidate({k: p.argmax(axis=1) == val_y for k, p in probabilities.items()})
+        correct = {k: p.argmax(axis=1) == val_y for k, p in probabilities.items()}
+        if small:
+            choice = choose_by_splits(correct, val_y, choosing.val_splits)
+        else:
+            choice = choose_candidate(correct)
+        choice["head_scored"] = "out of fold" if "val_oof_logits" in head.info else "on val"
         candidate = choice["candidate"]
     info = {
         "best_epoch": result.best_epoch,
@@ -140,6 +155,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "stopped": result.stopped,
             "resumed_at_epoch": result.resumed_at_epoch,
             "calibration": calibration,
+            "temperature_splits": temperature_splits,
             "invariances": list(params.data.invariances),
         },
     )
@@ -153,6 +169,15 @@ def main(root: Path = Path(".")) -> FinetuneResult:
     )
     if choice:
         print(f"finetune: {candidate_summary(choice)}")
+    if temperature_splits and temperature_splits.get("splits"):
+        spread = temperature_splits
+        low, high = spread["temperature_ci90"]
+        print(
+            f"finetune: temperature on {spread['splits']} half-splits of val: {low:.3f} to "
+            f"{high:.3f} (90%), held-out val NLL {spread['heldout_nll_before']:.4f} -> "
+            f"{spread['heldout_nll_after']:.4f}: "
+            + ("kept" if spread["kept"] else "not kept (it does not help held-out images)")
+        )
     if calibration:
         print(
             f"finetune: temperature {calibration['temperature']:.3f} fitted on val: val ECE "

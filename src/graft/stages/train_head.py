@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from graft.classifier import Checkpoint, read_spec, save_checkpoint
 from graft.config import load_params
 from graft.features import load_feature_set
@@ -36,6 +38,8 @@ def main(root: Path = Path(".")) -> HeadResult:
     if result.refit is not None:  # fine-tuning starts from the fit on train (val stays unseen)
         info["finetune_init"] = {k: v.detach().clone() for k, v in result.head.state_dict().items()}
         info["probe"] = result.search
+    if result.val_oof_logits is not None:  # the head's val scores for the choice of candidate
+        info["val_oof_logits"] = torch.from_numpy(result.val_oof_logits)
     state = result.shipped.state_dict()
     save_checkpoint(paths.head_model, Checkpoint(spec, "head", state, info))
     write_json(
