@@ -126,3 +126,16 @@ def test_the_fine_tuned_model_is_temperature_scaled_on_val_without_changing_a_pr
     evaluate.main(tiny_project.root)
     report = tiny_project.evaluation_report.read_text()
     assert f"divided by a temperature of {temperature:.3f}, fitted on val" in report
+
+
+def test_with_fine_tuning_off_every_output_dvc_expects_of_the_stage_is_there(tiny_project):
+    import yaml
+
+    write_params(tiny_project.root, {"finetune": {"enabled": False}})
+    run_stages(tiny_project, validate, features, train_head, finetune)
+    declared = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["finetune"]
+    entries = [e for key in ("outs", "metrics", "plots") for e in declared.get(key, [])]
+    paths = [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+    missing = [p for p in paths if not (tiny_project.root / p).exists()]
+    assert paths and not missing  # `dvc repro` would stop: "output ... does not exist"
+    assert read_json(tiny_project.metrics / "finetune.json")["skipped"] is True

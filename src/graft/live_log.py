@@ -25,6 +25,9 @@ def write_live_log(directory: Path, history: Sequence[dict[str, Any]]) -> None:
                 value = record.get(key)
                 if value is not None and math.isfinite(value):
                     live.log_metric(name, value, plot=True)
+    # No epochs (fine-tuning off or skipped): the plots folder still exists, empty, so that the
+    # stage's declared output does and `dvc repro` goes on.
+    (directory / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
 
 
 def _live_class() -> type:
