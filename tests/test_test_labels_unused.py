@@ -19,7 +19,7 @@ def _project(root: Path, relabel_test) -> ProjectPaths:
     """Fixed splits of real digits: the first images of each class in test (under the class
     ``relabel_test`` gives), the rest in train (val is drawn from train by content hash)."""
     root.mkdir(parents=True)
-    write_params(root)
+    write_params(root, {"data": {"invariances": ["hflip"]}})  # so that TTA is chosen too
     seen: dict[str, int] = {}
     for label, name, png in digit_images(per_class=12):
         seen[label] = seen.get(label, 0) + 1
@@ -39,9 +39,16 @@ def _choices(paths: ProjectPaths) -> dict:
     tuned = read_json(paths.metrics / "finetune.json")
     return {
         "head": head,  # the probe's C, its CV scores, its val accuracy
-        "finetune": tuned,  # its best epoch, the candidate, the temperature
+        "finetune": tuned,  # its best epoch, the candidate (over half-splits), the temperature
         "candidate": read_json(paths.metrics / "eval.json")["candidate"],
+        "tta": _without_test_figures(read_json(paths.metrics / "eval.json")["tta"]),
+        "blessed_tta": read_json(paths.blessing)["tta"],
     }
+
+
+def _without_test_figures(tta: dict) -> dict:
+    """The TTA decision (made on val) without the test accuracy it reports beside it."""
+    return {key: value for key, value in tta.items() if key != "test_accuracy_without"}
 
 
 @pytest.mark.longest

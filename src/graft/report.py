@@ -14,6 +14,7 @@ from graft.evaluate import Blessing, candidate_summary
 from graft.files import read_json
 from graft.paths import ProjectPaths
 from graft.plotting import pyplot, save_figure
+from graft.tta import tta_summary
 
 
 def confusion_csv(
@@ -86,6 +87,7 @@ def evaluation_markdown(
     finetune_metrics: dict[str, Any],
     blessing: Blessing,
     misclassified: int,
+    tta: dict[str, Any] | None = None,
 ) -> str:
     """The evaluation report: both models side by side, the gate, per-class results, plots."""
     lines = ["# Evaluation", ""]
@@ -106,6 +108,15 @@ def evaluation_markdown(
         else "The candidate is chosen on **val**: val accuracy of the head "
         f"{finetune_metrics['head_val_accuracy']:.4f}.",
         "",
+    ]
+    if tta:
+        lines += [
+            f"{tta_summary(tta)[0].upper()}{tta_summary(tta)[1:]} (`evaluate.tta`; chosen on "
+            "val"
+            + (f", so the `{blessing.candidate}` row below is with it)." if tta["kept"] else ").")
+        ]
+        lines += [""]
+    lines += [
         "## Test metrics",
         "",
         "| model | accuracy | 95% interval | balanced accuracy | macro-F1 | ECE | images |",

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.classifier import build_classifier, build_head, load_checkpoint
+from graft.choices import choose_by_splits
+from graft.classifier import Checkpoint, build_classifier, build_head, load_checkpoint
 from graft.config import load_params
 from graft.engines import make_runner
 from graft.ensemble import average_probabilities
@@ -16,6 +17,7 @@ from graft.evaluate import (
     Blessing,
     above_chance,
     bless,
+    choose_candidate,
     classification_metrics,
     not_worse_than_reference,
 )
@@ -32,6 +34,7 @@ from graft.report import (
     save_misclassified_gallery,
     save_reliability_plot,
 )
+from graft.tta import group, group_probabilities, tta_summary
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
@@ -72,6 +75,11 @@ def main(root: Path = Path(".")) -> Blessing:
         "finetuned": paths.finetuned_model,
         "average": paths.finetuned_model,  # with the head (models/head.pt): export averages them
     }[candidate]
+    tta, tta_test = _test_time_augmentation(paths, params, head_ckpt, candidate)
+    if tta_test is not None:  # what ships is the candidate averaged over the invariances
+        tta["test_accuracy_without"] = results[candidate]["accuracy"]  # reported, never chosen on
+        probabilities[candidate] = tta_test
+        results[candidate] = classification_metrics(test.labels, tta_test, labels)
     chosen = probabilities[candidate]
     predicted = chosen.argmax(axis=1)
     gate = params.evaluate
@@ -90,9 +98,11 @@ def main(root: Path = Path(".")) -> Blessing:
         gate,
         comparisons,
     )
+    blessing.tta = tta["transformations"] if tta and tta["kept"] else []
 
     write_json(paths.blessing, blessing.to_dict())
     summary = _metrics_summary(candidate, results, blessing)
+    summary["tta"] = tta
     if probe_pred is not None:
         summary["probe_accuracy"] = float((probe_pred == test.labels).mean())
     write_json(paths.metrics / "eval.json", summary)
@@ -119,12 +129,79 @@ def main(root: Path = Path(".")) -> Blessing:
     )
     write_text_atomic(
         paths.evaluation_report,
-        evaluation_markdown(results, finetune_metrics, blessing, len(wrong)),
+        evaluation_markdown(results, finetune_metrics, blessing, len(wrong), tta),
     )
+    if tta:
+        print(f"evaluate: {tta_summary(tta)}")
     verdict = "BLESSED" if blessing.passed else "NOT BLESSED: " + "; ".join(blessing.reasons)
     accuracy = results[candidate]["accuracy"]
     print(f"evaluate: candidate {candidate}, test accuracy {accuracy:.4f} — {verdict}")
     return blessing
+
+
+def _test_time_augmentation(
+    paths: ProjectPaths, params, head_ckpt: Checkpoint, candidate: str
+) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """Is the candidate more accurate on val averaged over the group of ``data.invariances``?
+
+    The decision, and the shipped candidate's test probabilities with TTA when it is kept (else
+    None). On val the head is the probe fit on train (the refit on train + val has seen val);
+    below ``evaluate.small_val_images`` val images the choice is made over half-splits.
+    """
+    invariances = list(params.data.invariances)
+    if not (params.evaluate.tta and invariances):
+        return None, None
+    spec = head_ckpt.spec
+    input_size = spec.data_config.input_size
+    names = group(invariances, square=input_size[-1] == input_size[-2])
+    val = load_feature_set(paths.features / "val.npz")
+    decision: dict[str, Any] = {"invariances": invariances, "transformations": names}
+    if len(names) < 2 or not len(val):
+        reason = "no val images" if len(names) > 1 else "rot90 needs a square input"
+        return {**decision, "kept": False, "reason": reason}, None
+
+    def members(shipped: bool) -> list[torch.nn.Module]:
+        chosen = []
+        if candidate in ("head", "average"):
+            state = head_ckpt.state_dict if shipped else head_ckpt.info.get("finetune_init")
+            state = head_ckpt.state_dict if state is None else state
+            chosen.append(build_classifier(Checkpoint(spec, "head", state, head_ckpt.info)))
+        if candidate in ("finetuned", "average"):
+            chosen.append(build_classifier(load_checkpoint(paths.finetuned_model)))
+        return chosen
+
+    settings = params.features
+    transform = eval_transform(spec.data_config)
+
+    def over_group(image_paths: list[Path], shipped: bool) -> np.ndarray:
+        return group_probabilities(
+            members(shipped), image_paths, transform, names, input_size,
+            settings.batch_size, settings.engine,
+        )  # fmt: skip
+
+    on_val = over_group([paths.data / p for p in val.paths], shipped=False)
+    correct = {
+        "without": on_val[0].argmax(axis=1) == val.labels,
+        "with": on_val.mean(axis=0).argmax(axis=1) == val.labels,
+    }
+    gate = params.evaluate
+    if len(val) < gate.small_val_images:
+        choice = choose_by_splits(correct, val.labels, gate.val_splits, order=TTA_ORDER)
+    else:
+        choice = choose_candidate(correct, order=TTA_ORDER)
+    decision.update(
+        kept=choice["candidate"] == "with",
+        val_accuracy_without=float(correct["without"].mean()),
+        val_accuracy_with=float(correct["with"].mean()),
+        choice=choice,
+    )
+    if not decision["kept"]:
+        return decision, None
+    test = load_feature_set(paths.features / "test.npz")
+    return decision, over_group([paths.data / p for p in test.paths], shipped=True).mean(axis=0)
+
+
+TTA_ORDER = ("without", "with")  # a tie goes to the cheaper model
 
 
 def _probe_predictions(paths, params, head_ckpt, head_logits, test) -> np.ndarray | None:

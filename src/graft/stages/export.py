@@ -26,12 +26,18 @@ from graft.export import (
 from graft.features import load_feature_set
 from graft.files import file_sha256, read_json, replacing, write_json, write_text_atomic
 from graft.model_card import model_card_markdown
-from graft.model_metadata import contract_doc_string, model_metadata, model_version_of
+from graft.model_metadata import (
+    contract_doc_string,
+    encode_metadata,
+    model_metadata,
+    model_version_of,
+)
 from graft.paths import ProjectPaths
 from graft.portable import uint8_nhwc_variant
 from graft.preprocessing import eval_transform, load_rgb, resize_and_crop
 from graft.quantize import Int8Gate, LabelledImages, calibration_sample, quantize_with_gate
 from graft.runtime import inference_session
+from graft.tta import InvariantAverage
 
 
 def main(root: Path = Path(".")) -> Parity:
@@ -50,6 +56,9 @@ def main(root: Path = Path(".")) -> Parity:
     model = build_classifier(checkpoint)
     if blessing["candidate"] == "average":  # the head and the fine-tuned model, in one graph
         model = ProbabilityAverage([build_classifier(load_checkpoint(paths.head_model)), model])
+    tta = list(blessing.get("tta") or [])
+    if tta:  # averaged over the transformations the data is invariant to, in the same graph
+        model = InvariantAverage(model, tta)
     metrics = read_json(paths.metrics / "eval.json")
     metadata = model_metadata(
         spec,
@@ -58,9 +67,13 @@ def main(root: Path = Path(".")) -> Parity:
         data_version=data_version(paths.data_dvc),
         git_revision=git_revision(paths.root),
     )
+    if tta:
+        metadata.update(encode_metadata({"test_time_augmentation": tta}))
     members = [checkpoint_path] + ([paths.head_model] if blessing["candidate"] == "average" else [])
     version = model_version_of(
-        hashlib.sha256("".join(file_sha256(member) for member in members).encode()).hexdigest()
+        hashlib.sha256(
+            ("".join(file_sha256(member) for member in members) + ",".join(tta)).encode()
+        ).hexdigest()
     )
     test = load_feature_set(paths.features / "test.npz")
     test_images = [paths.data / p for p in test.paths]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from graft.classifier import ModelSpec, write_spec
 from graft.config import Params, load_params
-from graft.data.manifest import read_manifest, usable_rows
+from graft.data.manifest import read_manifest, usable_labels, usable_rows
 from graft.data.splits import SPLITS
 from graft.embedding import Embedding, embed, int8_gate
 from graft.features import save_feature_set
@@ -42,8 +42,17 @@ def main(root: Path = Path(".")) -> ModelSpec:
 def embed_for_training(usable, paths: ProjectPaths, params: Params) -> tuple[Embedding, dict]:
     """The features for train_head, at the precision the params ask for and the gate allows."""
     cache_dir = paths.root / params.features.cache_dir
-    fp32 = embed(usable, paths.data, params.backbone, params.features, cache_dir, precision="fp32")
+    backbone, auto = params.backbone, None
+    if backbone.name == "auto":  # ranked by a quick CV probe on train + val, within a budget
+        from graft.auto_backbone import choose_backbone
+
+        auto = choose_backbone(usable, paths.data, params, cache_dir, usable_labels(usable))
+        backbone = backbone.model_copy(update={"name": auto["chosen"]})
+        print(f"features (auto): {auto['chosen']} chosen in {auto['seconds']:.0f} s")
+    fp32 = embed(usable, paths.data, backbone, params.features, cache_dir, precision="fp32")
     metrics = {"precision_requested": params.features.precision, **_counts("fp32", fp32)}
+    if auto is not None:
+        metrics["auto_backbone"] = auto
     chosen = fp32
     if params.features.precision == "int8":
         int8 = embed(
