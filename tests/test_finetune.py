@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+import graft.finetune as finetune_module
 from graft.backbones import create_backbone
 from graft.config import FinetuneParams, ParamsError, parse_params
 from graft.finetune import (
     FinetuneError,
     augment_transform,
     check_schedule,
+    choose_recipe,
     finetune,
+    recipes_of,
     trainable_names,
 )
 from graft.preprocessing import eval_transform
@@ -134,11 +137,13 @@ def test_adapting_batchnorm_statistics_change_in_the_trained_blocks_only(digits)
             assert torch.equal(value, initial[key]), key
 
 
-def test_auto_batchnorm_policy_keeps_the_one_better_on_val(digits):
+def test_auto_batchnorm_policy_keeps_frozen_unless_adapt_is_ahead_beyond_noise(digits):
     result, _ = run(digits, settings(bn="auto", epochs=1))
-    assert set(result.candidates) == {"frozen", "adapt"}
-    assert result.bn == max(result.candidates, key=lambda p: (result.candidates[p], p == "frozen"))
-    assert result.val_accuracy == result.candidates[result.bn]
+    assert set(result.candidates) == {"frozen", "adapt"}  # the two policies are two recipes
+    ahead = result.choice["gain_over_default_ci95"]["adapt"][0] > 0
+    assert result.bn == ("adapt" if ahead else "frozen") == result.recipe
+    # A policy's trial is scored by its best trained epoch (the head is both policies' start).
+    assert result.candidates[result.bn] == max(r["val_accuracy"] for r in result.history[1:])
 
 
 class Killed(Exception):
@@ -267,3 +272,128 @@ def test_the_augmentation_never_flips_by_default_and_keeps_the_input_size(digits
 def test_a_phase_of_zero_epochs_is_skipped(digits):
     result, _ = run(digits, settings(unfreeze_blocks=[1, 2], epochs=[0, 1]))
     assert [(r["epoch"], r["phase"], r["blocks"]) for r in result.history[1:]] == [(1, 2, 2)]
+
+
+# --- the recipe portfolio (finetune.recipes) ---
+
+
+def test_the_invariance_recipes_exist_only_when_invariances_are_declared():
+    params = settings(recipes=["top1-frozen", "top2-adapt"], epochs=3)
+    plain = recipes_of(params)
+    assert [(r.name, r.phases, r.bn, r.invariant) for r in plain] == [
+        ("top1-frozen", ((1, 3),), "frozen", False),
+        ("top2-adapt", ((2, 3),), "adapt", False),
+    ]
+    declared = [r.name for r in recipes_of(params, ["hflip", "rot90"])]
+    assert declared == ["top1-frozen", "top1-frozen+inv", "top2-adapt", "top2-adapt+inv"]
+    # Without recipes: the section's own schedule, on the invariances when declared.
+    assert [r.name for r in recipes_of(settings(bn="auto"), ["vflip"])] == [
+        "frozen+inv",
+        "adapt+inv",
+    ]
+
+
+@pytest.mark.parametrize("name", ["top0-frozen", "top2", "top2-moving", "bottom2-adapt"])
+def test_an_unknown_recipe_is_refused_naming_the_key(name):
+    with pytest.raises(ParamsError, match="key 'finetune.recipes'"):
+        parse_params({"finetune": {"recipes": ["top2-frozen", name]}})
+
+
+def test_a_recipe_deeper_than_the_backbone_is_refused(digits):
+    with pytest.raises(FinetuneError, match="finetune.recipes has top9-adapt"):
+        check_schedule(digits["model"], settings(recipes=["top1-frozen", "top9-adapt"]))
+
+
+def test_the_default_recipe_is_kept_unless_another_is_ahead_beyond_noise():
+    right, wrong = [True] * 60, [False] * 60
+    close = {"a": {"val_correct": right + wrong}, "b": {"val_correct": right + [True] + wrong[1:]}}
+    assert choose_recipe(close)["recipe"] == "a"  # one image ahead: noise
+    assert choose_recipe(close)["gain_over_default_ci95"]["b"][0] <= 0.0
+    clear = {
+        "a": {"val_correct": right + wrong},
+        "b": {"val_correct": right + right[:30] + wrong[:30]},
+        "c": {"val_correct": right + right[:40] + wrong[:20]},
+    }
+    choice = choose_recipe(clear)
+    assert choice["recipe"] == "c" and choice["default"] == "a"
+    assert choice["val_accuracy"] == {"a": 0.5, "b": 0.75, "c": pytest.approx(5 / 6)}
+    tie = {"a": clear["a"], "b": clear["c"], "c": clear["c"]}
+    assert choose_recipe(tie)["recipe"] == "b"  # a tie goes to the earlier
+
+
+PORTFOLIO = {"recipes": ["top1-frozen", "top2-adapt"], "epochs": 3, "trial_epochs": 1}
+
+
+def test_each_recipe_is_tried_and_the_chosen_one_continues_from_its_trial(digits):
+    seen = []
+    result, _ = run(digits, settings(**PORTFOLIO), on_epoch=lambda r, _m: seen.append(r))
+    assert [(r["recipe"], r["epoch"]) for r in seen[:2]] == [("top1-frozen", 1), ("top2-adapt", 1)]
+    assert set(result.trials) == {"top1-frozen", "top2-adapt"}
+    for name, trial in result.trials.items():
+        assert trial["epochs"] == 1 and trial["seconds"] > 0.0
+        first = next(r for r in seen if r["recipe"] == name)
+        assert trial["val_accuracy"] == first["val_accuracy"] and trial["best_epoch"] == 1
+    assert result.choice["recipe"] == result.recipe == choose_recipe_of(result)
+    # The chosen recipe went on from its trial's epoch 1 to its full schedule, never repeating it.
+    continued = [(r["recipe"], r["epoch"]) for r in seen[2:]]
+    assert continued == [(result.recipe, 2), (result.recipe, 3)]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert result.bn == ("frozen" if result.recipe == "top1-frozen" else "adapt")
+
+
+def choose_recipe_of(result) -> str:
+    return result.choice["recipe"]
+
+
+def test_the_invariance_recipes_train_on_transformed_images(digits, monkeypatch):
+    drawn = []
+    draw = finetune_module.RandomInvariance.__call__
+
+    def counted(self, image):
+        drawn.append(self.invariances)
+        return draw(self, image)
+
+    monkeypatch.setattr(finetune_module.RandomInvariance, "__call__", counted)
+    params = settings(**{**PORTFOLIO, "recipes": ["top1-frozen"]})
+    result, _ = run(digits, params, invariances=["hflip"])
+    assert list(result.trials) == ["top1-frozen", "top1-frozen+inv"]
+    train_images = len(digits["train"][1])
+    epochs = 3 if result.recipe == "top1-frozen+inv" else 1  # its trial, or all its epochs
+    assert drawn == [("hflip",)] * (train_images * epochs)
+
+
+def test_a_run_killed_after_the_trials_resumes_to_the_uninterrupted_result(digits, tmp_path):
+    params = settings(**PORTFOLIO)
+    uninterrupted, _ = run(digits, params, checkpoint_dir=tmp_path / "a")
+    epochs = []
+
+    def kill_in_the_continuation(epoch: dict, _model) -> None:
+        epochs.append(epoch["recipe"])
+        if len(epochs) == 3:  # both trials, then the first epoch of the continuation
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(digits, params, checkpoint_dir=tmp_path / "b", on_epoch=kill_in_the_continuation)
+    assert len(list((tmp_path / "b").glob("finetune-top*.resume.pt"))) == 2
+    again = []
+    resumed, _ = run(
+        digits, params, checkpoint_dir=tmp_path / "b", on_epoch=lambda r, _m: again.append(r)
+    )
+    assert [r["epoch"] for r in again] == [3]  # neither trial nor epoch 2 ran again
+    assert resumed.recipe == uninterrupted.recipe and resumed.trials == uninterrupted.trials | {
+        name: {**trial, "seconds": resumed.trials[name]["seconds"]}
+        for name, trial in uninterrupted.trials.items()
+    }
+    for mine, theirs in zip(resumed.history, uninterrupted.history, strict=True):
+        assert mine["val_accuracy"] == pytest.approx(theirs["val_accuracy"], abs=1e-6)
+    for key, value in uninterrupted.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, atol=1e-4, rtol=1e-4)
+
+
+def test_the_trials_and_the_continuation_share_the_time_budget(digits, monkeypatch):
+    clock = iter(range(0, 10**6, 10))  # every reading of the clock: 10 s later
+    monkeypatch.setattr(finetune_module, "_clock", lambda: float(next(clock)))
+    result, _ = run(digits, settings(**{**PORTFOLIO, "epochs": 50, "max_minutes": 4.0}))
+    assert all(trial["seconds"] <= 120.0 for trial in result.trials.values())  # each its share
+    assert "time budget" in result.stopped and 2 <= len(result.history) - 1 < 50
+    assert result.seconds <= 240.0  # the trials and the continuation together

@@ -139,3 +139,20 @@ def test_with_fine_tuning_off_every_output_dvc_expects_of_the_stage_is_there(tin
     missing = [p for p in paths if not (tiny_project.root / p).exists()]
     assert paths and not missing  # `dvc repro` would stop: "output ... does not exist"
     assert read_json(tiny_project.metrics / "finetune.json")["skipped"] is True
+
+
+def test_each_recipe_trial_and_the_one_continued_are_in_the_metrics_and_the_report(tiny_project):
+    recipes = {"recipes": ["top1-frozen", "top2-adapt"], "epochs": 2, "trial_epochs": 1}
+    write_params(tiny_project.root, {"finetune": recipes})
+    run_stages(tiny_project, validate, features, train_head, finetune, evaluate)
+    metrics = read_json(tiny_project.metrics / "finetune.json")
+    assert list(metrics["recipes"]) == ["top1-frozen", "top2-adapt"]
+    for trial in metrics["recipes"].values():
+        assert trial["epochs"] == 1 and trial["seconds"] > 0 and 0 <= trial["val_accuracy"] <= 1
+    choice = metrics["recipe_choice"]
+    assert metrics["recipe"] == choice["recipe"] and choice["default"] == "top1-frozen"
+    assert metrics["epochs_run"] == 2 and metrics["bn"] == metrics["recipe"].split("-")[1]
+    report = tiny_project.evaluation_report.read_text()
+    assert "| `top1-frozen`" in report and "| `top2-adapt`" in report
+    assert f"`{metrics['recipe']}` was continued to its full schedule" in report
+    assert not list((tiny_project.finetuned_model.parent / "checkpoints").glob("*.pt"))

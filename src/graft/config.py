@@ -6,6 +6,7 @@ values a user changes, and a typo fails before any work with a message naming th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -18,6 +19,9 @@ from graft.errors import InputError
 class ParamsError(InputError, ValueError):
     """``params.yaml`` is missing, unreadable, or holds an unknown or ill-typed key."""
 
+
+# A fine-tuning recipe's name: the top N blocks trained, BatchNorm frozen or adapting.
+RECIPE_NAME = re.compile(r"top([1-9][0-9]*)-(frozen|adapt)")
 
 # Larger batches are a typo (an extra zero or two), not a setting: they would only exhaust memory.
 MAX_BATCH_SIZE = 4096
@@ -244,6 +248,16 @@ class FinetuneParams(_Section):
         "frozen", description="BatchNorm statistics: frozen, adapt (unfrozen blocks), auto (val)"
     )
     augment: AugmentParams = AugmentParams()
+    recipes: list[str] = Field(
+        default_factory=list,
+        description="the portfolio, in order of preference: top<N>-<frozen|adapt> (the top N "
+        "blocks trained for all the epochs, BatchNorm frozen or adapting), each also as NAME+inv "
+        "when data.invariances are declared; each tried for trial_epochs, the first continued "
+        "unless another is ahead beyond noise on val. []: unfreeze_blocks and bn above alone",
+    )
+    trial_epochs: int = Field(
+        2, ge=1, description="epochs of each recipe's trial (the first of its own schedule)"
+    )
     patience: int = Field(3, ge=1, description="epochs without val improvement ending a phase")
     max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")
     amp: bool = Field(True, description="bf16 autocast and channels-last, on CUDA only")
@@ -273,6 +287,19 @@ class FinetuneParams(_Section):
         if isinstance(epochs, list) and isinstance(blocks, int) and len(epochs) != 1:
             raise ValueError(f"{len(epochs)} phases of epochs for one phase of unfreeze_blocks")
         return epochs
+
+    @field_validator("recipes")
+    @classmethod
+    def _known_recipes(cls, recipes: list[str]) -> list[str]:
+        for name in recipes:
+            if not RECIPE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a recipe: name them top<N>-frozen or top<N>-adapt (N top "
+                    "blocks trained, BatchNorm frozen or adapting), e.g. top2-frozen"
+                )
+        if len(set(recipes)) != len(recipes):
+            raise ValueError(f"a recipe is listed twice in {recipes}")
+        return recipes
 
     @property
     def phases(self) -> list[tuple[int, int]]:

@@ -10,9 +10,18 @@ a pure function of the image: without augmentation it is computed once ("the fro
 with augmentation it is recomputed each epoch on the augmented images, through the fast frozen
 engine (onnxruntime on CPU), and only the top runs in torch with gradients.
 
+How to fine-tune is chosen per data set: ``finetune.recipes`` names a small portfolio (how many
+top blocks are trained, whether their BatchNorm adapts, whether the training images are randomly
+transformed by the declared ``data.invariances``). Each recipe runs the first
+``finetune.trial_epochs`` epochs of its own schedule; the first recipe is continued unless
+another is ahead on val beyond noise (a paired bootstrap over the val images), and the one
+continued picks up where its trial stopped, so no epoch is run twice. All of it shares
+``finetune.max_minutes``.
+
 Each epoch ends with a checkpoint (phase, trainable set, optimizer groups, scheduler, random
-state, a fingerprint of the configuration), so a killed run resumes where it stopped and reaches
-what an uninterrupted run reaches; a checkpoint of another configuration is never loaded.
+state, a fingerprint of the configuration and recipe), one per recipe, so a killed run resumes
+where it stopped and reaches what an uninterrupted run reaches; a checkpoint of another
+configuration is never loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from graft.config import AugmentParams, FinetuneParams
+from graft.config import RECIPE_NAME, AugmentParams, FinetuneParams
 from graft.data_config import DataConfig
 from graft.engines import Engine, make_runner, resolve_engine
 from graft.errors import GraftError
@@ -46,8 +55,9 @@ from graft.files import replacing
 from graft.head import accuracy
 from graft.progress import progress
 
-CHECKPOINT_FORMAT = "graft.finetune.resume/1"
+CHECKPOINT_FORMAT = "graft.finetune.resume/2"
 EpochHook = Callable[[dict[str, Any], nn.Module], None]
+_clock = time.monotonic  # the clock of the time budget
 
 
 class FinetuneError(GraftError):
@@ -64,6 +74,87 @@ class TrunkSplit:
     head: nn.Module
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """One way to fine-tune: the unfreeze schedule, the BatchNorm policy, and whether the training
+    images are randomly transformed by the declared invariances."""
+
+    name: str
+    phases: tuple[tuple[int, int], ...]
+    bn: str
+    invariant: bool = False
+
+    @property
+    def cut(self) -> int:
+        """The deepest phase's blocks: everything below stays frozen."""
+        return max(blocks for blocks, _ in self.phases)
+
+
+def recipes_of(params: FinetuneParams, invariances: Sequence[str] = ()) -> list[Recipe]:
+    """The recipes to try, in order of preference (the first is the default).
+
+    ``finetune.recipes`` each train their top N blocks for all of the section's epochs, and
+    each also runs as ``NAME+inv`` (right after it) when invariances are declared. Without
+    recipes, the section's own schedule with its ``bn`` (both policies for ``auto``), trained on
+    the invariances when declared.
+    """
+    invariant = bool(invariances)
+    if not params.recipes:
+        policies = ["frozen", "adapt"] if params.bn == "auto" else [params.bn]
+        suffix = "+inv" if invariant else ""
+        phases = tuple(params.phases)
+        return [Recipe(policy + suffix, phases, policy, invariant) for policy in policies]
+    epochs = sum(count for _, count in params.phases)
+    recipes = []
+    for name in params.recipes:
+        blocks, bn = RECIPE_NAME.fullmatch(name).groups()
+        recipes.append(Recipe(name, ((int(blocks), epochs),), bn))
+        if invariant:
+            recipes.append(Recipe(name + "+inv", ((int(blocks), epochs),), bn, True))
+    return recipes
+
+
+def choose_recipe(
+    trials: dict[str, dict[str, Any]], resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The recipe to continue: the first (the default) unless another's trial is ahead on val
+    beyond noise, then the best of those (ties: the earlier).
+
+    "Beyond noise": the paired bootstrap 95% interval over the val images of its accuracy minus
+    the default's lies above 0. With a hundred-odd val images one image is most of a point, and a
+    short trial's ranking is itself noisy: the default gives way only to a clear lead.
+
+    Args:
+        trials: per recipe in order of preference, ``val_correct`` (whether its trial's best
+            model got each val image right, same images in the same order).
+    """
+    names = list(trials)
+    default = names[0]
+    correct = {name: np.asarray(trials[name]["val_correct"], dtype=float) for name in names}
+    accuracy = {name: float(correct[name].mean()) if correct[name].size else 0.0 for name in names}
+    n = correct[default].size
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n)) if n else None
+    intervals, ahead = {}, []
+    for name in names[1:]:
+        if draws is None:
+            intervals[name] = [0.0, 0.0]
+            continue
+        gain = (correct[name] - correct[default])[draws].mean(axis=1)
+        low, high = np.percentile(gain, [2.5, 97.5])
+        intervals[name] = [float(low), float(high)]
+        if low > 0.0:
+            ahead.append(name)
+    chosen = max(ahead, key=lambda name: (accuracy[name], -names.index(name))) if ahead else default
+    return {
+        "recipe": chosen,
+        "default": default,
+        "val_accuracy": accuracy,
+        "val_images": int(n),
+        "gain_over_default_ci95": intervals,
+    }
+
+
 @dataclass
 class FinetuneResult:
     """The best model on val (the head itself when fine-tuning never beat it) and the run."""
@@ -75,7 +166,11 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     bn: str = "frozen"
     stopped: str = "completed"
-    candidates: dict[str, float] = field(default_factory=dict)
+    candidates: dict[str, float] = field(default_factory=dict)  # recipe: its trial's val score
+    recipe: str = ""
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # recipe: its trial
+    choice: dict[str, Any] | None = None  # why the recipe continued was chosen
+    seconds: float = 0.0  # training time, every recipe's included
     resumed_at_epoch: int | None = None
     val_logits: torch.Tensor | None = None  # the best model's, in the order of the val images
     head_val_logits: torch.Tensor | None = None  # the head's (epoch 0), in the same order
@@ -107,6 +202,12 @@ def check_schedule(model: nn.Module, params: FinetuneParams) -> None:
             raise FinetuneError(
                 f"finetune.unfreeze_blocks is {blocks}, but the backbone has only {available} "
                 f"blocks: choose 1 to {available} in params.yaml."
+            )
+    for recipe in recipes_of(params):
+        if params.recipes and recipe.cut > available:
+            raise FinetuneError(
+                f"finetune.recipes has {recipe.name}, but the backbone has only {available} "
+                f"blocks: choose top1 to top{available} in params.yaml."
             )
 
 
@@ -287,103 +388,168 @@ def finetune(
     engine: Engine = "auto",
     *,
     train_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    invariances: Sequence[str] = (),
     checkpoint_dir: Path | None = None,
     config_id: str = "",
     on_epoch: EpochHook | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (backbone + trained head) and return its best state on val.
 
+    With more than one recipe (:func:`recipes_of`), each runs a trial of
+    ``params.trial_epochs`` epochs, and the one :func:`choose_recipe` picks continues.
+
     Args:
         transform: the evaluation transform (val always; train when not augmenting).
         train_transform: the augmenting transform, or None for no augmentation.
+        invariances: the declared ``data.invariances``: recipes ``NAME+inv`` train on images
+            randomly transformed by them (after ``train_transform``, if any).
         checkpoint_dir: where the per-epoch resume checkpoints live; None keeps none.
         config_id: a fingerprint of the inputs outside ``params`` (data, head, backbone); a
-            checkpoint is resumed only when it and ``params`` are those of this run.
-        on_epoch: called after each epoch's checkpoint with the epoch's record and the model.
+            checkpoint is resumed only when it, ``params`` and the recipe are those of this run.
+        on_epoch: called after each epoch's checkpoint with the epoch's record (its
+            ``recipe`` included) and the model.
 
     Raises:
         FinetuneError: for a schedule the backbone cannot follow, or a NaN/infinite loss (the
             last good checkpoint is kept).
     """
     check_schedule(model, params)
+    recipes = recipes_of(params, invariances)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
-    cut = max(blocks for blocks, _ in params.phases)
     model.eval().to(device)
-    split = split_trunk(model, cut)
-    runner = make_runner(split.prefix, input_size, params.batch_size, engine)
     memory_format = torch.channels_last if on_cuda and params.amp else torch.contiguous_format
+    runners: dict[int, Any] = {}
 
-    def activations(paths: Sequence[Path], image_transform, name: str) -> torch.Tensor:
-        array = forward_in_batches(runner, paths, image_transform, params.batch_size, name)
+    def activations(cut: int, paths: Sequence[Path], image_transform, name: str) -> torch.Tensor:
+        """The frozen prefix below the top ``cut`` blocks, run over the images."""
+        if cut not in runners:
+            prefix = split_trunk(model, cut).prefix
+            runners[cut] = make_runner(prefix, input_size, params.batch_size, engine)
+        array = forward_in_batches(runners[cut], paths, image_transform, params.batch_size, name)
         return torch.from_numpy(array).to(device).contiguous(memory_format=memory_format)
 
-    def augmented(epoch: int) -> torch.Tensor:
-        _seed_epoch(params.seed, epoch)  # the decoder thread is the only consumer here
-        return activations(train_paths, train_transform, f"frozen prefix (train, epoch {epoch})")
-
     model.to(device=device, memory_format=memory_format)
-    data = _Data(
-        val=activations(val_paths, transform, "frozen prefix (val)"),
-        val_labels=torch.tensor(np.asarray(val_labels), dtype=torch.long, device=device),
-        train_labels=torch.tensor(np.asarray(train_labels), dtype=torch.long, device=device),
-        train=None if train_transform else activations(train_paths, transform, "frozen prefix"),
-        augmented=augmented,
-    )
+    val_labels_t = torch.tensor(np.asarray(val_labels), dtype=torch.long, device=device)
+    train_labels_t = torch.tensor(np.asarray(train_labels), dtype=torch.long, device=device)
+    val_at: dict[int, torch.Tensor] = {}
+    train_at: dict[int, torch.Tensor] = {}
+
+    def data_for(recipe: Recipe) -> _Data:
+        cut = recipe.cut
+        if cut not in val_at:
+            val_at[cut] = activations(cut, val_paths, transform, f"frozen prefix (val, top {cut})")
+        randomised = train_transform
+        if recipe.invariant:
+            randomised = invariant_transform(invariances, train_transform or transform)
+        if randomised is None and cut not in train_at:
+            train_at[cut] = activations(cut, train_paths, transform, f"frozen prefix (top {cut})")
+
+        def augmented(epoch: int) -> torch.Tensor:
+            _seed_epoch(params.seed, epoch)  # the decoder thread is the only consumer here
+            name = f"frozen prefix (train, epoch {epoch}, {recipe.name})"
+            return activations(cut, train_paths, randomised, name)
+
+        return _Data(
+            val=val_at[cut],
+            val_labels=val_labels_t,
+            train_labels=train_labels_t,
+            train=None if randomised is not None else train_at[cut],
+            augmented=augmented,
+        )
+
     initial = copy.deepcopy(model.state_dict())
 
-    def val_logits() -> torch.Tensor:
+    def val_logits(data: _Data, cut: int) -> torch.Tensor:
         model.eval()
         with torch.inference_mode():
             top = _Top(model, cut, cut)
             return torch.cat([top(chunk.float()) for chunk in data.val.split(256)]).cpu()
 
-    head_val_logits = val_logits()  # the head alone (epoch 0), e.g. to average with the best
-    policies = ["frozen", "adapt"] if params.bn == "auto" else [params.bn]
-    results = []
-    for policy in policies:
+    # The head alone (epoch 0), e.g. to average with the best.
+    head_val_logits = val_logits(data_for(recipes[0]), recipes[0].cut)
+    budget_s = params.max_minutes * 60.0  # shared by every recipe's trial and the continuation
+    trial_epochs = params.trial_epochs if len(recipes) > 1 else None
+    runs: dict[str, _PolicyRun] = {}
+    result, run = None, None
+    for recipe in recipes:
         model.load_state_dict(initial)
-        # The wall-clock budget is shared: with bn auto, each policy gets its part of it.
-        budget_s = params.max_minutes * 60.0 / len(policies)
-        run = _PolicyRun(model, data, params, policy, cut, on_cuda, budget_s)
-        path = None if checkpoint_dir is None else checkpoint_dir / f"finetune-{policy}.resume.pt"
+        run = _PolicyRun(model, data_for(recipe), params, recipe, on_cuda)
+        path = None
+        if checkpoint_dir is not None:
+            path = checkpoint_dir / f"finetune-{recipe.name}.resume.pt"
         identity = fingerprint(
             format=CHECKPOINT_FORMAT,
             params=params.model_dump(mode="json"),
-            policy=policy,
+            recipe=asdict(recipe),
+            invariances=list(invariances),
             engine=resolve_engine(engine),
             config=config_id,
         )
-        results.append(run.train(path, identity, on_epoch))
-    # Ties go to the first policy (frozen, the safer one).
-    best = max(results, key=lambda r: (r.val_accuracy, -policies.index(r.bn)))
-    best.candidates = {r.bn: r.val_accuracy for r in results}
-    model.load_state_dict(best.state_dict)
-    best.val_logits = val_logits()  # what the best model says on val, e.g. to calibrate it
-    best.head_val_logits = head_val_logits
-    return best
+        run.locate(path, identity)
+        runs[recipe.name] = run
+        # Each trial may use its share of the budget at most.
+        result = run.train(on_epoch, budget_s / len(recipes), until_epoch=trial_epochs)
+    trials: dict[str, dict[str, Any]] = {}
+    choice = None
+    if len(recipes) > 1:
+        trials = {name: run.trial for name, run in runs.items()}
+        choice = choose_recipe(trials)
+        run = runs[choice["recipe"]]
+        spent = sum(trial["seconds"] for name, trial in trials.items() if name != run.name)
+        scores = ", ".join(
+            f"{name} {trial['val_accuracy']:.4f} in {trial['seconds']:.0f} s"
+            for name, trial in trials.items()
+        )
+        print(f"finetune: trials on val: {scores}; continuing {run.name}")
+        result = run.train(on_epoch, budget_s - spent, resume=run.paused)
+    assert result is not None and run is not None
+    result.seconds += sum(t["seconds"] for name, t in trials.items() if name != run.name)
+    result.candidates = {name: trial["val_accuracy"] for name, trial in trials.items()}
+    result.trials = {
+        name: {key: value for key, value in trial.items() if key != "val_correct"}
+        for name, trial in trials.items()
+    }
+    result.choice = choice
+    model.load_state_dict(result.state_dict)
+    # What the best model says on val, e.g. to calibrate it.
+    result.val_logits = val_logits(run.data, run.recipe.cut)
+    result.head_val_logits = head_val_logits
+    return result
 
 
 class _PolicyRun:
-    """One pass through the schedule with one BatchNorm policy."""
+    """One pass through a recipe's schedule, possibly paused after its trial and continued."""
 
-    def __init__(self, model, data: _Data, params: FinetuneParams, policy, cut, on_cuda, budget_s):
-        self.model, self.data, self.params, self.policy = model, data, params, policy
-        self.cut, self.on_cuda, self.budget_s = cut, on_cuda, budget_s
+    def __init__(self, model, data: _Data, params: FinetuneParams, recipe: Recipe, on_cuda):
+        self.model, self.data, self.params, self.recipe = model, data, params, recipe
+        self.name, self.policy, self.cut = recipe.name, recipe.bn, recipe.cut
+        self.on_cuda, self.budget_s = on_cuda, math.inf
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+        self.path: Path | None = None
+        self.identity = ""
+        self.trial: dict[str, Any] = {}  # the trial's outcome, once it has run
+        self.paused: dict[str, Any] | None = None  # the checkpoint the trial ended on
+        self.last: dict[str, Any] | None = None  # the latest epoch's checkpoint
+
+    def locate(self, path: Path | None, identity: str) -> None:
+        """Where this run's resume checkpoint lives, and the identity it must carry."""
+        self.path, self.identity = path, identity
 
     def _autocast(self):
         if self.on_cuda and self.params.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def evaluate(self, top: _Top) -> tuple[float, float]:
-        """(val loss, val accuracy) of the model in eval mode."""
+    def evaluate(self, top: _Top) -> tuple[float, float, list[bool]]:
+        """(val loss, val accuracy, whether each val image is right) of the model in eval mode."""
         self.model.eval()
         with torch.inference_mode():  # fp32 even under AMP: epoch 0 must score what the head did
             logits = torch.cat([top(chunk.float()) for chunk in self.data.val.split(256)])
         labels = self.data.val_labels
-        return float(nn.functional.cross_entropy(logits, labels)), accuracy(logits, labels)
+        correct = (logits.argmax(dim=1) == labels).cpu().tolist()
+        loss = float(nn.functional.cross_entropy(logits, labels)) if len(labels) else math.nan
+        return loss, accuracy(logits, labels), correct
 
     def set_phase(self, blocks: int) -> tuple[_Top, list[str]]:
         top = _Top(self.model, self.cut, blocks)
@@ -417,26 +583,42 @@ class _PolicyRun:
             norm.momentum = momentum
         self.model.eval()
 
-    def train(self, path: Path | None, identity: str, on_epoch: EpochHook | None):
-        """Run the schedule phase by phase from the head (or from a resume checkpoint).
+    def train(
+        self,
+        on_epoch: EpochHook | None,
+        budget_s: float,
+        *,
+        until_epoch: int | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> FinetuneResult:
+        """Run the schedule phase by phase from the head, from the resume checkpoint on disk, or
+        from ``resume`` (where the trial paused); pause after ``until_epoch`` epochs (a trial).
 
         ``state`` is the run's progress, saved with every epoch's resume checkpoint: the phase
         and epoch, the best score and weights so far, the phase's early-stopping count, the
-        history and why the run stopped.
+        history, why the run stopped, and the trial's outcome once it has run.
+
+        Args:
+            budget_s: seconds this run may have spent in all, its trial included.
         """
-        head_loss, head_acc = self.evaluate(_Top(self.model, self.cut, self.cut))
-        state = _initial_state(self.model, head_loss, head_acc)
-        checkpoint = _load_resumable(path, identity)
+        self.budget_s = budget_s
+        checkpoint = resume if resume is not None else _load_resumable(self.path, self.identity)
         resumed_at = None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
-            state = checkpoint["state"]
-            resumed_at = state["epoch"]
-            print(f"finetune: resuming after epoch {resumed_at} from {path}")
-        started = time.monotonic() - state["elapsed_s"]
+            state = copy.deepcopy(checkpoint["state"])
+            self.last = checkpoint if "optimizer" in checkpoint else None
+            if resume is None:
+                resumed_at = state["epoch"]
+                print(f"finetune: {self.name}: resuming after epoch {resumed_at} from {self.path}")
+        else:
+            head = self.evaluate(_Top(self.model, self.cut, self.cut))
+            state = _initial_state(self.model, *head)
+        started = _clock() - state["elapsed_s"]
         steps = math.ceil(len(self.data.train_labels) / self.params.batch_size)
-        phases = self.params.phases
-        while state["phase"] < len(phases) and state["stopped"] == "completed":
+        phases = self.recipe.phases
+        paused = until_epoch is not None and state["trial"] is not None  # ran before a restart
+        while state["phase"] < len(phases) and state["stopped"] == "completed" and not paused:
             blocks, epochs = phases[state["phase"]]
             if epochs == 0:  # a phase switched off
                 state["phase"] += 1
@@ -444,10 +626,30 @@ class _PolicyRun:
             top, names = self.set_phase(blocks)
             optimizer, scheduler = self.phase_optimizer(epochs, steps)
             if checkpoint is not None:
-                _resume_phase(checkpoint, state, names, optimizer, scheduler, path)
+                _resume_phase(checkpoint, state, names, optimizer, scheduler, self.path)
                 checkpoint = None
             run = (top, blocks, epochs, names, optimizer, scheduler)
-            self.run_phase(*run, state, started, steps, path, identity, on_epoch)
+            paused = self.run_phase(*run, state, started, steps, on_epoch, until_epoch)
+        if until_epoch is not None:
+            if state["trial"] is None:  # the trial has just ended: keep where it stopped
+                # Scored by its best trained epoch: the head (epoch 0) is every recipe's start.
+                trained = state["trained_best"] or {"score": state["best_score"], "epoch": 0}
+                state["trial"] = {
+                    "val_accuracy": trained["score"][0],
+                    "val_correct": trained.get("correct", state["best_correct"]),
+                    "best_epoch": trained["epoch"],
+                    "epochs": state["epoch"],
+                    "seconds": state["elapsed_s"],
+                    "stopped": state["stopped"],
+                }
+                if self.last is not None:
+                    self.last["state"]["trial"] = copy.deepcopy(state["trial"])
+                    if self.path is not None:
+                        _write_resumable(self.path, self.last)
+            self.trial = state["trial"]
+            # Where the continuation starts; a run that is over needs no optimizer to go on.
+            self.paused = self.last or {"model": _cpu(self.model.state_dict()), "state": state}
+        head_acc = state["history"][0]["val_accuracy"]
         return FinetuneResult(
             state_dict={k: v.detach().cpu() for k, v in state["best_state"].items()},
             head_val_accuracy=head_acc,
@@ -457,6 +659,8 @@ class _PolicyRun:
             bn=self.policy,
             stopped=state["stopped"],
             resumed_at_epoch=resumed_at,
+            recipe=self.name,
+            seconds=state["elapsed_s"],
         )
 
     def phase_optimizer(self, epochs: int, steps: int):
@@ -480,28 +684,30 @@ class _PolicyRun:
         return optimizer, scheduler
 
     def run_phase(
-        self, top, blocks, epochs, names, optimizer, scheduler, state, started, steps, path,
-        identity, on_epoch,
-    ) -> None:  # fmt: skip
-        """The epochs of one phase, until it ends, stops early, or the time budget runs out."""
+        self, top, blocks, epochs, names, optimizer, scheduler, state, started, steps, on_epoch,
+        until_epoch,
+    ) -> bool:  # fmt: skip
+        """The epochs of one phase, until it ends, stops early, or the time budget runs out;
+        True if it paused after ``until_epoch`` epochs of the run (the end of a trial)."""
         params, data = self.params, self.data
         while state["epoch_in_phase"] < epochs:
-            elapsed = time.monotonic() - started
+            if until_epoch is not None and state["epoch"] >= until_epoch:
+                return True
+            elapsed = _clock() - started
             epochs_done = state["epoch"]
             per_epoch = elapsed / epochs_done if epochs_done else 0.0
             if elapsed + per_epoch > self.budget_s:
                 state["stopped"] = f"time budget (finetune.max_minutes: {params.max_minutes})"
-                return
+                return False
             epoch = state["epoch"] + 1
             train_h = data.train if data.train is not None else data.augmented(epoch)
             _seed_epoch(params.seed, 1_000 + epoch)
-            train_loss = self.train_epoch(
-                top, optimizer, scheduler, train_h, epoch, state, path, steps
-            )
+            train_loss = self.train_epoch(top, optimizer, scheduler, train_h, epoch, state, steps)
             if self.policy == "adapt":
                 self.recalibrate(top, train_h)
-            val_loss, val_acc = self.evaluate(top)
+            val_loss, val_acc, correct = self.evaluate(top)
             record = {
+                "recipe": self.name,
                 "epoch": epoch,
                 "phase": state["phase"] + 1,
                 "blocks": blocks,
@@ -510,22 +716,24 @@ class _PolicyRun:
                 "val_accuracy": val_acc,
                 "lr": max(group["lr"] for group in optimizer.param_groups),
             }
-            phase_over = _record_epoch(state, record, self.model, epochs, params.patience)
-            state["elapsed_s"] = time.monotonic() - started
-            if path is not None:
-                _save_resumable(path, identity, self.model, state, names, optimizer, scheduler)
+            phase_over = _record_epoch(state, record, correct, self.model, epochs, params.patience)
+            state["elapsed_s"] = _clock() - started
+            self.last = _payload(self.identity, self.model, state, names, optimizer, scheduler)
+            if self.path is not None:
+                _write_resumable(self.path, self.last)
             if on_epoch is not None:
                 on_epoch(record, self.model)
             if phase_over:
-                return
+                return False
+        return False
 
-    def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, path, steps) -> float:
+    def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, steps) -> float:
         params, labels = self.params, self.data.train_labels
         generator = torch.Generator().manual_seed(params.seed * 7919 + epoch)
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
         self.set_train_mode(top)
         total, updates = 0.0, (state["epoch_in_phase"]) * steps
-        description = f"finetune epoch {epoch} (phase {state['phase'] + 1}, {self.policy} BN)"
+        description = f"finetune {self.name} epoch {epoch} (phase {state['phase'] + 1})"
         with progress(len(labels), description) as bar:
             for batch in order.split(params.batch_size):
                 with self._autocast():
@@ -533,8 +741,8 @@ class _PolicyRun:
                 loss = self.loss_fn(logits.float(), labels[batch])
                 if not torch.isfinite(loss.detach()):
                     kept = (
-                        f"the last good checkpoint (epoch {state['epoch']}) is kept at {path}"
-                        if path is not None and state["epoch"] > 0
+                        f"the last good checkpoint (epoch {state['epoch']}) is kept at {self.path}"
+                        if self.path is not None and state["epoch"] > 0
                         else "no checkpoint was written"
                     )
                     raise FinetuneError(
@@ -553,7 +761,9 @@ class _PolicyRun:
         return total / len(labels)
 
 
-def _initial_state(model: nn.Module, head_loss: float, head_acc: float) -> dict[str, Any]:
+def _initial_state(
+    model: nn.Module, head_loss: float, head_acc: float, head_correct: list[bool]
+) -> dict[str, Any]:
     """A run's progress before its first epoch: the head alone is epoch 0 and the best so far."""
     return {
         "phase": 0,
@@ -561,6 +771,8 @@ def _initial_state(model: nn.Module, head_loss: float, head_acc: float) -> dict[
         "epoch": 0,
         "best_score": [head_acc, math.inf],  # the head wins every tie in accuracy
         "best_epoch": 0,
+        "best_correct": head_correct,  # per val image, of the best so far
+        "trained_best": None,  # the best trained epoch's score, epoch and val correctness
         "best_state": copy.deepcopy(model.state_dict()),
         "phase_best": None,
         "stale": 0,
@@ -577,6 +789,7 @@ def _initial_state(model: nn.Module, head_loss: float, head_acc: float) -> dict[
             }
         ],
         "stopped": "completed",
+        "trial": None,  # the trial's outcome, once it has run
     }
 
 
@@ -591,7 +804,12 @@ def _resume_phase(checkpoint, state, names, optimizer, scheduler, path) -> None:
 
 
 def _record_epoch(
-    state: dict[str, Any], record: dict[str, Any], model: nn.Module, epochs: int, patience: int
+    state: dict[str, Any],
+    record: dict[str, Any],
+    correct: list[bool],
+    model: nn.Module,
+    epochs: int,
+    patience: int,
 ) -> bool:
     """Add the epoch to ``state`` (history, best so far, early stopping); True if its phase is
     over (it ran all its epochs or ``patience`` of them without a new best)."""
@@ -600,7 +818,10 @@ def _record_epoch(
     score = [record["val_accuracy"], -record["val_loss"]]
     if score > state["best_score"]:
         state["best_score"], state["best_epoch"] = score, record["epoch"]
-        state["best_state"] = copy.deepcopy(model.state_dict())
+        state["best_state"], state["best_correct"] = copy.deepcopy(model.state_dict()), correct
+    trained = state["trained_best"]
+    if trained is None or score > trained["score"]:
+        state["trained_best"] = {"score": score, "epoch": record["epoch"], "correct": correct}
     if state["phase_best"] is None or score > state["phase_best"]:
         state["phase_best"], state["stale"] = score, 0
     else:
@@ -612,21 +833,30 @@ def _record_epoch(
     return phase_over
 
 
-def _save_resumable(path, identity, model, state, names, optimizer, scheduler) -> None:
-    payload = {
+def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy on the CPU, sharing nothing with the live tensors."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def _payload(identity, model, state, names, optimizer, scheduler) -> dict[str, Any]:
+    """A resume checkpoint: a copy, so that it stays what it was while training goes on."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": identity,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": _cpu(model.state_dict()),
         "state": {
-            **state,
-            "best_state": {k: v.detach().cpu() for k, v in state["best_state"].items()},
+            **copy.deepcopy({k: v for k, v in state.items() if k != "best_state"}),
+            "best_state": _cpu(state["best_state"]),
         },
         "trainable": names,
         "frozen": sorted(set(dict(model.named_parameters())) - set(names)),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
         "random": _random_state(),
     }
+
+
+def _write_resumable(path: Path, payload: dict[str, Any]) -> None:
     # Saved through a file object: torch names the archive inside after a path it is given,
     # and a temporary name would make identical models differ in bytes.
     with replacing(path) as temporary, open(temporary, "wb") as file:

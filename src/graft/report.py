@@ -82,6 +82,36 @@ def save_misclassified_gallery(
 SMALL_TEST_SET = 100  # below this many test images the report warns about the interval
 
 
+def recipe_lines(finetune_metrics: dict[str, Any]) -> list[str]:
+    """The fine-tuning recipes tried (``finetune.recipes``): each trial's val score and seconds,
+    and which one was continued and why; nothing when a single recipe ran."""
+    trials, choice = finetune_metrics.get("recipes"), finetune_metrics.get("recipe_choice")
+    if not trials or not choice:
+        return []
+    default, chosen = choice["default"], choice["recipe"]
+    lines = [
+        "Fine-tuning recipes (`finetune.recipes`), each tried for its first epochs, scored on "
+        f"**val** ({choice['val_images']} images):",
+        "",
+        "| recipe | trial epochs | val accuracy | seconds | vs the default (95% interval) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, trial in trials.items():
+        low, high = choice["gain_over_default_ci95"].get(name, [0.0, 0.0])
+        versus = "the default" if name == default else f"{low:+.4f} to {high:+.4f}"
+        mark = " **continued**" if name == chosen else ""
+        lines.append(
+            f"| `{name}`{mark} | {trial['epochs']} | {trial['val_accuracy']:.4f} | "
+            f"{trial['seconds']:.0f} | {versus} |"
+        )
+    reason = (
+        "the default; no other recipe was ahead of it beyond noise"
+        if chosen == default
+        else "ahead of the default beyond noise (the whole 95% interval above 0)"
+    )
+    return [*lines, "", f"`{chosen}` was continued to its full schedule: {reason}.", ""]
+
+
 def evaluation_markdown(
     results: dict[str, dict[str, Any]],
     finetune_metrics: dict[str, Any],
@@ -98,6 +128,7 @@ def evaluation_markdown(
             "Fine-tuning was skipped (finetune.enabled is false or finetune.epochs is 0).",
             "",
         ]
+    lines += recipe_lines(finetune_metrics)
     choice = finetune_metrics.get("candidates")
     lines += [
         (

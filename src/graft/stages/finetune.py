@@ -38,7 +38,6 @@ from graft.finetune import (
     check_schedule,
     finetune,
     fingerprint,
-    invariant_transform,
 )
 from graft.live_log import write_live_log
 from graft.numeric import softmax
@@ -94,7 +93,8 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             spec.data_config.input_size,
             settings,
             params.features.engine,
-            train_transform=train_transform(spec.data_config, settings, params.data.invariances),
+            train_transform=train_transform(spec.data_config, settings),
+            invariances=params.data.invariances,
             checkpoint_dir=checkpoint_dir(paths),
             config_id=config_id,
             on_epoch=_print_epoch,
@@ -151,7 +151,9 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "candidate": candidate,
             "candidates": choice,
             "bn": result.bn,
-            "bn_candidates": result.candidates,
+            "recipe": result.recipe or None,
+            "recipes": result.trials,  # each recipe's trial: val score, seconds, epochs
+            "recipe_choice": result.choice,
             "stopped": result.stopped,
             "resumed_at_epoch": result.resumed_at_epoch,
             "calibration": calibration,
@@ -165,7 +167,8 @@ def main(root: Path = Path(".")) -> FinetuneResult:
         leftover.unlink()  # the run is complete: its model is in finetuned.pt
     print(
         f"finetune: val accuracy {result.val_accuracy:.4f} at epoch {result.best_epoch} "
-        f"(head alone: {result.head_val_accuracy:.4f}, BN {result.bn}); candidate: {candidate}"
+        f"(head alone: {result.head_val_accuracy:.4f}, recipe {result.recipe}); candidate: "
+        f"{candidate}"
     )
     if choice:
         print(f"finetune: {candidate_summary(choice)}")
@@ -196,21 +199,21 @@ def main(root: Path = Path(".")) -> FinetuneResult:
 
 
 def train_transform(
-    data_config: dict, settings: FinetuneParams, invariances: list[str]
+    data_config: dict, settings: FinetuneParams
 ) -> Callable[[Image.Image], torch.Tensor] | None:
-    """timm's augmentation (``finetune.augment``) and/or a random transformation from the
-    declared ``data.invariances``; None (nothing random: the frozen prefix is computed once)
-    without either."""
-    base = augment_transform(data_config, settings.augment) if settings.augment.enabled else None
-    if not invariances:
-        return base
-    return invariant_transform(invariances, base or eval_transform(data_config))
+    """timm's augmentation (``finetune.augment``), or None (nothing random: the frozen prefix is
+    computed once). The recipes ``NAME+inv`` add a random transformation from the declared
+    ``data.invariances`` (graft.finetune)."""
+    if settings.augment.enabled:
+        return augment_transform(data_config, settings.augment)
+    return None
 
 
 def _print_epoch(record: dict, _model) -> None:
     loss = record["train_loss"]
     print(
-        f"finetune epoch {record['epoch']} (phase {record['phase']}, {record['blocks']} blocks): "
+        f"finetune {record['recipe']} epoch {record['epoch']} (phase {record['phase']}, "
+        f"{record['blocks']} blocks): "
         f"train loss {loss:.4f}, val loss {record['val_loss']:.4f}, "
         f"val accuracy {record['val_accuracy']:.4f}"
         + ("" if math.isfinite(loss) else " (diverged)")
