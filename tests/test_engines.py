@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from graft.backbones import create_backbone
-from graft.engines import OnnxRunner, TorchRunner, make_runner, resolve_engine
+from graft.engines import (
+    OnnxRunner,
+    TorchRunner,
+    activation_bytes_per_image,
+    export_engine,
+    make_runner,
+    resolve_engine,
+    rows_for_budget,
+)
 from graft.features import forward_in_batches
 from graft.finetune import split_trunk
 from graft.preprocessing import eval_transform, load_tensor_batch
@@ -62,16 +70,31 @@ def test_a_runner_accepts_a_last_batch_smaller_than_it_was_warmed_for(digit_path
     assert runner(batch).shape == (3, backbone.num_features)
 
 
-def test_a_batch_over_the_pixel_budget_runs_in_slices_with_the_same_outputs(digit_paths):
+def test_a_batch_over_the_memory_budget_runs_in_slices_with_the_same_outputs(digit_paths, tmp_path):
     backbone = create_backbone("test_efficientnet", "random")
-    size = backbone.data_config.input_size
+    size = tuple(backbone.data_config.input_size)
     batch = load_tensor_batch(digit_paths[:5], eval_transform(backbone.data_config))
     whole = OnnxRunner(backbone.model, size, batch_size=5)
-    two_images = 2 * size[1] * size[2]
-    sliced = OnnxRunner(backbone.model, size, batch_size=5, max_pixels_per_run=two_images)
+    assert whole.rows >= 5
+    per_image = activation_bytes_per_image(
+        export_engine(backbone.model, size, tmp_path / "m.onnx"), size
+    )
+    two_and_a_half = 2.5 * per_image / 2**20
+    sliced = OnnxRunner(backbone.model, size, batch_size=5, run_memory_mb=two_and_a_half)
     sliced.session = _CountingSession(sliced.session)
     np.testing.assert_allclose(sliced(batch), whole(batch), atol=1e-5)
+    assert sliced.rows == 2
     assert sliced.session.rows == [2, 2, 1]  # never more than two images' activations at once
+
+
+def test_the_default_budget_runs_64_lite0_images_at_224_px_a_run(tmp_path):
+    """The activations counted are those alive at once (9.7 MB an image), not all of them (62)."""
+    backbone = create_backbone("tf_efficientnet_lite0", "random")
+    size = tuple(backbone.data_config.input_size)
+    path = export_engine(backbone.model, size, tmp_path / "lite0.onnx")
+    assert 9e6 < activation_bytes_per_image(path, size) < 11e6
+    assert 64 <= rows_for_budget(path, size) < 128  # the features batch (64) runs whole
+    assert rows_for_budget(path, size, budget_mb=100) == 10
 
 
 class _CountingSession:

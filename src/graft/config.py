@@ -156,6 +156,12 @@ class FeaturesParams(_Section):
         0.5, ge=0.0, description="accuracy points INT8 features may lose on val (head trained)"
     )
     int8_calibration_images: int = Field(256, ge=1, description="training images to calibrate")
+    run_memory_mb: float = Field(
+        768,
+        gt=0,
+        description="onnxruntime: memory for one run's activations; a batch that needs more "
+        "runs in slices (64 images of tf_efficientnet_lite0 at 224 px fit 768 MB)",
+    )
     shard_size: int = Field(256, ge=1, description="images per cache shard (and Dask task)")
     cache_dir: str = Field(
         ".graft/cache/features", description="the embedding cache, relative to the project root"

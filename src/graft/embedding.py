@@ -30,7 +30,14 @@ from graft.backbones import Backbone, create_backbone, state_dict_sha256
 from graft.config import BackboneParams, FeaturesParams, HeadParams
 from graft.data.splits import SPLITS
 from graft.data_config import DataConfig
-from graft.engines import OnnxRunner, Runner, TorchRunner, export_engine, resolve_engine
+from graft.engines import (
+    RUN_MEMORY_MB,
+    OnnxRunner,
+    Runner,
+    TorchRunner,
+    export_engine,
+    resolve_engine,
+)
 from graft.errors import GraftError
 from graft.feature_cache import EmbeddingKey, FeatureCache, Precision
 from graft.features import FeatureSet, forward_in_batches, iter_batch_outputs
@@ -174,6 +181,7 @@ class EngineSpec:
     onnx: bytes | None = None  # onnxruntime: the exported (or quantized) model
     backbone: tuple[str, str, str | None] | None = None  # torch: (name, weights, sha256)
     threads: int | None = None
+    run_memory_mb: float = RUN_MEMORY_MB  # onnxruntime: a run's activations at most
 
 
 def engine_spec(
@@ -194,6 +202,7 @@ def engine_spec(
         batch_size=params.batch_size,
         data_config=backbone.data_config,
         threads=threads,
+        run_memory_mb=params.run_memory_mb,
     )
     if precision == "int8":
         if params.engine == "torch":
@@ -246,7 +255,7 @@ _RUNNERS_LOCK = threading.Lock()
 
 def runner_for(spec: EngineSpec, module: Any = None) -> Runner:
     """The runner of ``spec``, built once per process (a Dask worker keeps it between shards)."""
-    identity = f"{spec.key}:{spec.engine}:{spec.batch_size}:{spec.threads}"
+    identity = f"{spec.key}:{spec.engine}:{spec.batch_size}:{spec.threads}:{spec.run_memory_mb}"
     with _RUNNERS_LOCK:
         if identity not in _RUNNERS:
             _RUNNERS.clear()  # one engine at a time: a long-lived worker does not pile up models
@@ -264,7 +273,12 @@ def _build_runner(spec: EngineSpec, module: Any) -> Runner:
         path = Path(folder) / "backbone.onnx"
         path.write_bytes(spec.onnx)
         return OnnxRunner(
-            None, spec.input_size, spec.batch_size, onnx_path=path, threads=spec.threads
+            None,
+            spec.input_size,
+            spec.batch_size,
+            onnx_path=path,
+            threads=spec.threads,
+            run_memory_mb=spec.run_memory_mb,
         )
 
 

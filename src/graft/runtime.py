@@ -30,10 +30,10 @@ def inference_session(
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-# onnxruntime keeps a run's activations in its memory arena, which grows with the images per run:
-# a tf_efficientnet_lite0 session at 224 px peaked at 2.4 GB resident with 64 images a run, 1.6 GB
-# with 32 and 1.2 GB with 16, and ran no faster per image with more (measured, session alone). A
-# run takes at most this many pixels (16 images at 224 px), whatever the batch the caller decodes.
+# onnxruntime keeps a run's activations in its memory arena, which grows with the images per run
+# (tf_efficientnet_lite0 at 224 px: about 10 MB an image, measured). Runners that have the
+# model (graft.engines) slice a batch by a budget for those activations (features.run_memory_mb);
+# with a session only, a run takes at most this many pixels: 16 images at 224 px.
 MAX_PIXELS_PER_RUN = 16 * 224 * 224
 
 
@@ -47,8 +47,9 @@ def run_single(
 ) -> np.ndarray:
     """The single output of a single-input model for ``batch`` (float32, contiguous).
 
-    A batch of more than ``rows`` images (by default: :data:`MAX_PIXELS_PER_RUN` worth) runs in
-    slices, so the session's memory stays that of one slice; the outputs are the same.
+    A batch of more than ``rows`` images (by default: :data:`MAX_PIXELS_PER_RUN` worth; see
+    :func:`graft.engines.rows_for_budget` for a model's own) runs in slices, so the session's
+    memory stays that of one slice; the outputs are the same.
     """
     name = session.get_inputs()[0].name
     array = np.ascontiguousarray(batch, dtype=np.float32)

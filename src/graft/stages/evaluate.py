@@ -56,7 +56,13 @@ def main(root: Path = Path(".")) -> Blessing:
         input_size = head_ckpt.spec.data_config.input_size
         batch_size = params.features.batch_size
         logits = forward_in_batches(
-            make_runner(model, input_size, batch_size, params.features.engine),
+            make_runner(
+                model,
+                input_size,
+                batch_size,
+                params.features.engine,
+                run_memory_mb=params.features.run_memory_mb,
+            ),
             [paths.data / p for p in test.paths],
             eval_transform(head_ckpt.spec.data_config),
             batch_size,
