@@ -185,6 +185,12 @@ class HeadParams(_Section):
         description="probe only: the inverse L2 strengths cross-validated",
     )
     cv_folds: int = Field(5, ge=2, description="probe only: stratified folds over train+val")
+    probe_max_mb: float = Field(
+        512,
+        gt=0,
+        description="probe only: train+val features (float32) beyond this cross-validate C on a "
+        "stratified subsample of this size and fit in chunks of it (the same objective)",
+    )
     standardize: bool = Field(
         False, description="probe only: standardise features (folded into the Linear)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,13 +108,43 @@ def save_feature_set(feature_set: FeatureSet, path: Path) -> None:
         )
 
 
-def load_feature_set(path: Path) -> FeatureSet:
+def load_feature_set(path: Path, *, mmap: bool = False) -> FeatureSet:
+    """One split's feature file; ``mmap``: the features memory-mapped from it, read on demand
+    (``np.savez`` stores its members uncompressed, so the matrix lies in the file as it is)."""
     if not path.is_file():
         raise MissingInputError(path)
     with np.load(path, allow_pickle=False) as archive:
         return FeatureSet(
-            features=archive["features"],
+            features=_mapped_member(path, "features") if mmap else archive["features"],
             labels=archive["labels"],
             paths=archive["paths"],
             sha256=archive["sha256"],
         )
+
+
+def _mapped_member(path: Path, name: str) -> np.ndarray:
+    """The array ``name`` of the uncompressed .npz ``path`` as a read-only memory map."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive[name]
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        local = handle.read(30)  # the local file header: its name and extra field lengths follow
+        name_length = int.from_bytes(local[26:28], "little")
+        extra_length = int.from_bytes(local[28:30], "little")
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            with np.load(path, allow_pickle=False) as archive:
+                return archive[name]
+        shape, fortran, dtype = readers[version](handle)
+        offset = handle.tell()
+    if not shape or 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")

@@ -26,7 +26,14 @@ from torch import nn
 
 from graft.config import HeadParams
 from graft.errors import GraftError
-from graft.probe import cv_probe, fit_probe, out_of_fold_logits
+from graft.probe import (
+    budget_rows,
+    cv_probe,
+    fit_within,
+    logits_in_chunks,
+    out_of_fold_logits,
+    stack_rows,
+)
 
 
 class HeadError(GraftError):
@@ -191,22 +198,30 @@ def train_probe_head(
     Raises:
         HeadError: if a feature is NaN or infinite.
     """
+    chunk = budget_rows(train_x, params.probe_max_mb)  # train_x, val_x may be memory-mapped
     for name, x in (("train", train_x), ("val", val_x)):
-        if not np.isfinite(x).all():
+        if not all(np.isfinite(x[i : i + chunk]).all() for i in range(0, len(x), chunk)):
             raise HeadError(
                 f"The {name} features hold NaN or infinite values: re-run the features stage "
                 "(or check the backbone weights)."
             )
-    pool_x, pool_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
+    pool_x, pool_y = stack_rows(train_x, val_x, chunk), np.concatenate([train_y, val_y])
     refit, search = cv_probe(pool_x, pool_y, num_classes, params)
-    head = fit_probe(train_x, train_y, num_classes, search.c, params.standardize, params.seed)
+    head = fit_within(train_x, train_y, num_classes, search.c, params)
     oof = out_of_fold_logits(
-        pool_x, pool_y, num_classes, search.c, params.cv_folds, params.standardize, params.seed
+        pool_x,
+        pool_y,
+        num_classes,
+        search.c,
+        params.cv_folds,
+        params.standardize,
+        params.seed,
+        max_mb=params.probe_max_mb,
     )
-    x_train, y_train = torch.from_numpy(train_x), torch.from_numpy(train_y).long()
-    x_val, y_val = torch.from_numpy(val_x), torch.from_numpy(val_y).long()
+    y_train, y_val = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     with torch.no_grad():
-        train_logits, val_logits = head(x_train), head(x_val)
+        train_logits = torch.from_numpy(logits_in_chunks(head, train_x, chunk))
+        val_logits = torch.from_numpy(logits_in_chunks(head, val_x, chunk))
         record = {
             "epoch": 1,
             "train_loss": float(nn.functional.cross_entropy(train_logits, y_train)),
@@ -222,6 +237,7 @@ def train_probe_head(
         "folds": search.folds,
         "at_grid_edge": search.at_grid_edge,
         "images": len(pool_y),
+        "cv_images": search.images,  # fewer when train+val passes head.probe_max_mb
         "standardize": params.standardize,
         "scores": {str(c): list(score) for c, score in search.scores.items()},
     }

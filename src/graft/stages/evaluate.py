@@ -26,7 +26,7 @@ from graft.files import read_json, write_json, write_text_atomic
 from graft.numeric import softmax
 from graft.paths import ProjectPaths
 from graft.preprocessing import eval_transform
-from graft.probe import cv_probe
+from graft.probe import budget_rows, cv_probe, logits_in_chunks, stack_rows
 from graft.report import (
     confusion_csv,
     evaluation_markdown,
@@ -44,12 +44,12 @@ def main(root: Path = Path(".")) -> Blessing:
     params = load_params(paths.params)
     head_ckpt = load_checkpoint(paths.head_model)
     labels = head_ckpt.spec.labels
-    test = load_feature_set(paths.features / "test.npz")
+    test = load_feature_set(paths.features / "test.npz", mmap=True)  # read a chunk at a time
+    chunk = budget_rows(test.features, params.head.probe_max_mb)
     finetune_metrics = read_json(paths.metrics / "finetune.json")
 
     head = build_head(head_ckpt, test.features.shape[1])
-    with torch.inference_mode():
-        head_logits = head(torch.from_numpy(test.features)).numpy()
+    head_logits = logits_in_chunks(head.eval(), test.features, chunk)
     probabilities = {"head": softmax(head_logits)}
     if not finetune_metrics["skipped"]:
         model = build_classifier(load_checkpoint(paths.finetuned_model))
@@ -218,16 +218,16 @@ def _probe_predictions(paths, params, head_ckpt, head_logits, test) -> np.ndarra
         return None
     if "probe" in head_ckpt.info:
         return head_logits.argmax(axis=1)
-    train = load_feature_set(paths.features / "train.npz")
-    val = load_feature_set(paths.features / "val.npz")
+    train = load_feature_set(paths.features / "train.npz", mmap=True)
+    val = load_feature_set(paths.features / "val.npz", mmap=True)
+    chunk = budget_rows(train.features, params.head.probe_max_mb)
     probe, _ = cv_probe(
-        np.concatenate([train.features, val.features]),
+        stack_rows(train.features, val.features, chunk),
         np.concatenate([train.labels, val.labels]),
         len(head_ckpt.spec.labels),
         params.head,
     )
-    with torch.inference_mode():
-        return probe(torch.from_numpy(test.features)).argmax(dim=1).numpy()
+    return logits_in_chunks(probe, test.features, chunk).argmax(axis=1)
 
 
 def _metrics_summary(candidate: str, results: dict[str, Any], blessing: Blessing) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def main(root: Path = Path(".")) -> Parity:
             ("".join(file_sha256(member) for member in members) + ",".join(tta)).encode()
         ).hexdigest()
     )
-    test = load_feature_set(paths.features / "test.npz")
+    test = load_feature_set(paths.features / "test.npz", mmap=True)  # its paths and labels only
     test_images = [paths.data / p for p in test.paths]
     transform = eval_transform(spec.data_config)
     limits = params.export
@@ -103,8 +103,8 @@ def main(root: Path = Path(".")) -> Parity:
     portable = _portable(paths, spec, version, test_images, fp32_logits, limits)
     int8 = None
     if limits.int8:
-        train = load_feature_set(paths.features / "train.npz")
-        val = load_feature_set(paths.features / "val.npz")
+        train = load_feature_set(paths.features / "train.npz", mmap=True)
+        val = load_feature_set(paths.features / "val.npz", mmap=True)
         chosen = calibration_sample(train.labels, train.sha256, limits.int8_calibration_images)
         int8 = quantize_with_gate(
             paths.onnx_model,

@@ -22,8 +22,9 @@ def main(root: Path = Path(".")) -> HeadResult:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
     spec = read_spec(paths.features / "spec.json")
-    train = load_feature_set(paths.features / "train.npz")
-    val = load_feature_set(paths.features / "val.npz")
+    mmap = params.head.kind == "probe" and not params.data.few_shot  # it reads a chunk at a time
+    train = load_feature_set(paths.features / "train.npz", mmap=mmap)
+    val = load_feature_set(paths.features / "val.npz", mmap=mmap)
     fit, settings = train_head, params.head
     if params.data.few_shot:  # prototypes or a regularised probe, chosen on held-out images
         from graft.fewshot import train_fewshot_head
