@@ -1,6 +1,6 @@
 """Test-time augmentation: the group the invariances generate, the exported graph against
-averaging by hand on real images, and a TTA model through evaluate, export, INT8, `graft
-predict` and `graft serve`."""
+averaging by hand on real images (and its INT8 quantization), and a TTA model through evaluate,
+export (INT8 skipped with its reason), `graft predict` and `graft serve`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import torch
 
 from graft.data_config import DataConfig
 from graft.export import export_onnx, read_metadata
+from graft.features import load_feature_set
 from graft.files import read_json
 from graft.numeric import softmax
 from graft.preprocessing import eval_transform, load_tensor_batch
+from graft.quantize import quantize_static_qdq
 from graft.runtime import inference_session, run_single
 from graft.sample_data import write_sample_data
 from graft.stages import evaluate, export, features, finetune, train_head, validate
@@ -70,6 +72,10 @@ def test_the_tta_graph_equals_averaging_by_hand_on_real_images(tmp_path):
     served = softmax(run_single(inference_session(path), batch.numpy()))  # as graft serve does
     np.testing.assert_allclose(served, np.mean(by_hand, axis=0), atol=1e-5)
     assert not np.allclose(served, by_hand[0], atol=1e-3)  # the transformations count
+    # INT8 quantization works on such a graph (the export stage skips it for its cost)
+    int8 = quantize_static_qdq(path, tmp_path / "int8.onnx", [batch.numpy()])
+    quantized = softmax(run_single(inference_session(int8), batch.numpy()))
+    assert quantized.shape == served.shape and np.isfinite(quantized).all()
 
 
 def _keep_tta(monkeypatch) -> None:
@@ -91,7 +97,6 @@ def test_a_tta_model_is_evaluated_exported_quantized_predicted_and_served(tmp_pa
         overrides={
             "data": {"invariances": ["hflip", "vflip"]},
             "finetune": {"epochs": 1},
-            "export": {"int8_max_accuracy_drop": 1.0, "int8_min_top1_agreement": 0.0},
         },
     )
     _keep_tta(monkeypatch)
@@ -102,8 +107,14 @@ def test_a_tta_model_is_evaluated_exported_quantized_predicted_and_served(tmp_pa
     assert tta["kept"] and {"val_accuracy_with", "val_accuracy_without"} <= set(tta)
     assert read_json(paths.blessing)["tta"] == tta["transformations"]
     assert read_metadata(paths.onnx_model)["test_time_augmentation"] == tta["transformations"]
-    int8 = read_json(paths.metrics / "export.json")["int8"]
-    assert int8["kept"], int8["reason"]  # the INT8 model of the TTA graph (gate opened wide)
+    exported = read_json(paths.metrics / "export.json")
+    int8 = read_json(paths.int8_dir / "decision.json")
+    assert not int8["kept"] and "test-time augmentation" in int8["reason"]  # skipped, and why
+    assert exported["int8"] == int8 and not (paths.int8_dir / "model.onnx").exists()
+    assert "No INT8 model was made: not tried" in paths.model_card.read_text()
+    test_images = len(load_feature_set(paths.features / "test.npz"))
+    assert exported["parity"]["images"] == -(-test_images // 4)  # every 4th: the cost without TTA
+    assert exported["portable"]["test_images"] == exported["parity"]["images"]
 
     images = sorted(paths.data.rglob("*.png"))[:3]
     output = tmp_path / "predictions.json"

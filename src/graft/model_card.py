@@ -159,6 +159,8 @@ def model_card_markdown(
 
 
 def _int8_line(int8: dict[str, Any] | None) -> str:
+    if int8 and "int8_test_accuracy" not in int8 and int8.get("reason"):
+        return f"No INT8 model was made: {int8['reason']}."
     if not int8 or "int8_test_accuracy" not in int8:
         return "No INT8 model was made (`export.int8` is off)."
     where = "kept as `models/int8/model.onnx`" if int8["kept"] else "not kept"

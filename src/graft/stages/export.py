@@ -77,6 +77,9 @@ def main(root: Path = Path(".")) -> Parity:
     )
     test = load_feature_set(paths.features / "test.npz", mmap=True)  # its paths and labels only
     test_images = [paths.data / p for p in test.paths]
+    # With TTA every image is run len(tta) times: every len(tta)-th test image keeps the checks
+    # at the cost of a model without it.
+    checked = test_images[:: len(tta)] if tta else test_images
     transform = eval_transform(spec.data_config)
     limits = params.export
     with replacing(paths.onnx_model) as candidate:  # a refusal below leaves the old model
@@ -89,7 +92,7 @@ def main(root: Path = Path(".")) -> Parity:
             doc_string=contract_doc_string(spec),
             model_version=version,
         )
-        parity, fp32_logits = parity_on_images(model, candidate, test_images, transform)
+        parity, fp32_logits = parity_on_images(model, candidate, checked, transform)
         if not parity.within(limits.parity_max_relative_logit, limits.parity_min_top1_agreement):
             raise ExportRefused(
                 f"ONNX parity failed on {parity.images} test images: max |Δ logit| "
@@ -100,9 +103,14 @@ def main(root: Path = Path(".")) -> Parity:
                 "Nothing was published."
             )
     write_labels(paths.onnx_model.parent, spec.labels)
-    portable = _portable(paths, spec, version, test_images, fp32_logits, limits)
+    portable = _portable(paths, spec, version, checked, fp32_logits, limits)
     int8 = None
-    if limits.int8:
+    if limits.int8 and tta:
+        int8 = {"kept": False, "reason": INT8_WITH_TTA.format(copies=len(tta))}
+        shutil.rmtree(paths.int8_dir, ignore_errors=True)
+        write_json(paths.int8_dir / "decision.json", int8)
+        print(f"export: INT8 skipped — {int8['reason']}")
+    elif limits.int8:
         train = load_feature_set(paths.features / "train.npz", mmap=True)
         val = load_feature_set(paths.features / "val.npz", mmap=True)
         chosen = calibration_sample(train.labels, train.sha256, limits.int8_calibration_images)
@@ -158,6 +166,13 @@ def main(root: Path = Path(".")) -> Parity:
         f"top-1 agreement {parity.top1_agreement:.2%}"
     )
     return parity
+
+
+INT8_WITH_TTA = (
+    "not tried: the model averages {copies} transformed copies of each image (test-time "
+    "augmentation), so INT8's gate would run every calibration, val and test image {copies} "
+    "times per calibration method; set evaluate.tta: false for an INT8 model"
+)
 
 
 def write_labels(folder: Path, labels: list[str]) -> None:
