@@ -406,6 +406,12 @@ class ExportParams(_Section):
         min_length=1,
         description="activation-range methods tried; the one agreeing best with fp32 on val wins",
     )
+    int8_max_float_units: int = Field(
+        8,
+        ge=0,
+        description="when the all-int8 trunk fails the gate on val, keep its first 1, 2, ... up "
+        "to this many units (stem, blocks, from the input) float, the fewest that pass on val",
+    )
     int8_max_accuracy_drop: float = Field(
         0.005,
         ge=0.0,

@@ -164,8 +164,15 @@ def _int8_line(int8: dict[str, Any] | None) -> str:
     if not int8 or "int8_test_accuracy" not in int8:
         return "No INT8 model was made (`export.int8` is off)."
     where = "kept as `models/int8/model.onnx`" if int8["kept"] else "not kept"
+    float_units = int8.get("float_units") or []
+    also_float = (
+        f", the trunk's first {len(float_units)} of {int8['trunk_units']} units in float too"
+        if float_units
+        else ""
+    )
     return (
-        f"INT8 (static QDQ, classifier in float, calibrated on {int8['calibration_images']} "
+        f"INT8 (static QDQ, classifier in float{also_float}, calibrated on "
+        f"{int8['calibration_images']} "
         f"training images of every class, {int8.get('calibration_method', 'minmax')} ranges): "
         f"test accuracy {int8['int8_test_accuracy']:.4f} against fp32's "
         f"{int8['fp32_test_accuracy']:.4f}, top-1 agreement "

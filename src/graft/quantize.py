@@ -9,7 +9,9 @@ onnxruntime fuses each DequantizeLinear -> Conv -> QuantizeLinear into one int8 
 
 The classifier stays in float: the global pooling and everything after it (the Linear that gives
 the calibrated logits, any head or test-time averaging) are excluded, so only the trunk's
-convolutions are quantized.
+convolutions are quantized. When that loses too much on val, :func:`quantize_with_gate` keeps
+the trunk's first units (stem, first blocks: :func:`trunk_units`) in float as well, as few as
+pass on val: their error is the one the rest of the trunk amplifies.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ CALIBRATION_METHODS = {
     "entropy": CalibrationMethod.Entropy,
 }
 _POOLING_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool"})
+_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
 
 def calibration_sample(labels: np.ndarray, hashes: np.ndarray, count: int) -> np.ndarray:
@@ -125,6 +128,50 @@ def float_head_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(seen)
 
 
+def trunk_units(model: onnx.ModelProto) -> list[tuple[str, list[str]]]:
+    """The quantized part of ``model`` in units, in order from the input: ``(unit, node names)``.
+
+    A unit is a module of the exported network, read from the node names torch gives
+    (``/blocks/blocks.1/blocks.1.0/conv_pw/Conv``): the outermost module, followed down through
+    its numbered children (``blocks`` -> ``blocks.1`` -> ``blocks.1.0``), i.e. the stem, each
+    block of a stage, the head convolution. A module without a weighted op (an activation, a
+    padding) joins the unit before it (the first one, the unit after it). The float head
+    (:func:`float_head_nodes`) is not part of the trunk.
+    """
+    head = set(float_head_nodes(model))
+    grouped: dict[str, list[onnx.NodeProto]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.name not in head and node.op_type != "Constant":
+            grouped.setdefault(_module_of(node.name) or f"#{index}", []).append(node)
+    units: list[tuple[str, list[str]]] = []
+    waiting: list[str] = []  # nodes of weightless modules before the first weighted one
+    for name, nodes in grouped.items():
+        names = [node.name for node in nodes]
+        if any(node.op_type in _WEIGHTED_OPS for node in nodes):
+            units.append((name, waiting + names))
+            waiting = []
+        elif units:
+            units[-1][1].extend(names)
+        else:
+            waiting.extend(names)
+    if waiting:
+        units.append(("(input)", waiting))
+    return units
+
+
+def _module_of(node_name: str) -> str:
+    """``/blocks/blocks.1/blocks.1.0/conv_pw/Conv`` -> ``/blocks/blocks.1/blocks.1.0``."""
+    modules = [part for part in node_name.split("/") if part][:-1]
+    if not modules:
+        return ""
+    chain = modules[:1]
+    for module in modules[1:]:
+        if not module.startswith(chain[-1] + "."):
+            break
+        chain.append(module)
+    return "/" + "/".join(chain)
+
+
 class _Batches(CalibrationDataReader):
     """Feeds the calibration images under the model's input name, ``rows`` images per run.
 
@@ -175,6 +222,7 @@ def quantize_static_qdq(
     *,
     method: str = "minmax",
     rows_per_run: int = CALIBRATION_ROWS_PER_RUN,
+    float_units: int = 0,
 ) -> Path:
     """Quantize ``fp32_onnx`` to INT8 (static, QDQ, per-channel weights) into ``out_path``.
 
@@ -193,6 +241,8 @@ def quantize_static_qdq(
             are fitted (histograms are merged run by run, like minima and maxima).
         rows_per_run: images per calibration run, whose activations are all held at once
             (memory, not the result: the ranges are the same for any value).
+        float_units: the trunk's first units (:func:`trunk_units`) that also stay float: no
+            QuantizeLinear/DequantizeLinear in them, their convolutions run in fp32.
 
     Returns:
         ``out_path``.
@@ -214,7 +264,10 @@ def quantize_static_qdq(
     with tempfile.TemporaryDirectory(prefix="graft-quantize-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared))
-        keep_float = float_head_nodes(onnx.load(str(prepared), load_external_data=False))
+        graph = onnx.load(str(prepared), load_external_data=False)
+        keep_float = float_head_nodes(graph) + [
+            name for _, names in trunk_units(graph)[:float_units] for name in names
+        ]
         with replacing(out_path) as temporary:
             quantize_static(
                 str(prepared),
@@ -238,6 +291,14 @@ class Int8Gate:
     max_accuracy_drop: float
     min_top1_agreement: float
     methods: Sequence[str] = ("minmax", "percentile", "entropy")
+    max_float_units: int = 0
+
+    def passes_on_val(self, scores: dict[str, float], fp32_accuracy: float) -> bool:
+        """The gate's own limits, applied to val (agreement included): a candidate to choose."""
+        return bool(
+            fp32_accuracy - scores["accuracy"] <= self.max_accuracy_drop
+            and scores["top1_agreement"] >= self.min_top1_agreement
+        )
 
 
 @dataclass(frozen=True)
@@ -258,13 +319,20 @@ def quantize_with_gate(
 ) -> dict[str, Any]:
     """Quantize the exported model and keep it as ``int8_dir/model.onnx`` only if it holds up.
 
-    Each calibration method of ``gate`` is tried; the one whose model agrees best with fp32 on
-    **val** (then the most accurate there, then the first listed) is chosen, never on test. The
-    chosen model is kept when, on val and on test, its accuracy is within
+    The candidates are chosen on **val**, never on test. First each calibration method of
+    ``gate`` quantizes the whole trunk; the one whose model agrees best with fp32 on val (then
+    the most accurate there, then the first listed) is the choice if it passes the gate's limits
+    on val (accuracy within ``gate.max_accuracy_drop`` of fp32's, agreement at least
+    ``gate.min_top1_agreement``). If it does not, that method quantizes again with the trunk's
+    first 1, 2, ... ``gate.max_float_units`` units (:func:`trunk_units`) kept float, stopping
+    at the first that passes on val (mixed precision: the fewest float units that suffice);
+    when none does, the best on val is taken and the gate refuses it.
+
+    The chosen model is kept when, on val and on test, its accuracy is within
     ``gate.max_accuracy_drop`` of fp32's, and its top-1 agreement with fp32 on test is at least
     ``gate.min_top1_agreement``. ``int8_dir/decision.json`` always says what was decided and
-    why; on a refusal it names the activations that lost most (SQNR against the float model on
-    a few val images), the place to look next.
+    why, with every candidate's val figures; on a refusal it names the activations that lost
+    most (SQNR against the float model on a few val images), the place to look next.
     """
     fp32_path, int8_dir = Path(fp32_path), Path(int8_dir)
     splits = {"val": val, "test": test}
@@ -278,34 +346,65 @@ def quantize_with_gate(
         return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
 
     fp32_logits = {name: logits_of(fp32_path, name) for name in splits}
+    fp32_accuracy = {
+        name: _scores(fp32_logits[name], fp32_logits[name], split.labels)["accuracy"]
+        for name, split in splits.items()
+    }
     staging = int8_dir.with_name(f".{int8_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tried: dict[str, dict[str, float]] = {}
-    for method in gate.methods:
-        quantized = quantize_static_qdq(
+    units = [name for name, _ in trunk_units(onnx.load(str(fp32_path), load_external_data=False))]
+    candidates: list[dict[str, Any]] = []
+
+    def candidate(method: str, float_units: int) -> dict[str, Any]:
+        path = staging / f"{method}-{float_units}.onnx"
+        quantize_static_qdq(
             fp32_path,
-            staging / f"{method}.onnx",
+            path,
             (
                 load_tensor_batch(calibration_images[i : i + batch_size], transform).numpy()
                 for i in range(0, len(calibration_images), batch_size)
             ),
             method=method,
+            float_units=float_units,
         )
-        tried[method] = _scores(logits_of(quantized, "val"), fp32_logits["val"], val.labels)
-    chosen = max(
-        gate.methods,
-        key=lambda m: (tried[m]["top1_agreement"], tried[m]["accuracy"], -gate.methods.index(m)),
+        scores = _scores(logits_of(path, "val"), fp32_logits["val"], val.labels)
+        row = {
+            "method": method,
+            "float_units": float_units,
+            **scores,
+            "passes_on_val": gate.passes_on_val(scores, fp32_accuracy["val"]),
+            "path": path,
+        }
+        candidates.append(row)
+        return row
+
+    def best(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        return max(
+            rows,
+            key=lambda r: (
+                r["top1_agreement"],
+                r["accuracy"],
+                -r["float_units"],
+                -gate.methods.index(r["method"]),
+            ),
+        )
+
+    chosen = best(candidate(method, 0) for method in list(gate.methods))
+    method, most = (
+        chosen["method"],
+        min(gate.max_float_units, len(units) - 1) if len(val.paths) else 0,
     )
+    for float_units in range(1, most + 1):
+        if chosen["passes_on_val"]:
+            break
+        row = candidate(method, float_units)
+        chosen = row if row["passes_on_val"] else best(candidates)
     quantized = staging / "model.onnx"
-    os.replace(staging / f"{chosen}.onnx", quantized)
+    os.replace(chosen["path"], quantized)
     scores = {
-        "val": tried[chosen],
+        "val": {key: chosen[key] for key in ("accuracy", "top1_agreement")},
         "test": _scores(logits_of(quantized, "test"), fp32_logits["test"], test.labels),
-    }
-    fp32_accuracy = {
-        name: _scores(fp32_logits[name], fp32_logits[name], split.labels)["accuracy"]
-        for name, split in (("val", val), ("test", test))
     }
     problems = [
         f"no {name} images to compare with fp32 on"
@@ -335,12 +434,22 @@ def quantize_with_gate(
         "max_accuracy_drop": gate.max_accuracy_drop,
         "min_top1_agreement": gate.min_top1_agreement,
         "calibration_images": len(calibration_images),
-        "calibration_method": chosen,
-        "calibration_methods_on_val": tried,
+        "calibration_method": chosen["method"],
+        "calibration_methods_on_val": {
+            row["method"]: {key: row[key] for key in ("accuracy", "top1_agreement")}
+            for row in candidates
+            if row["float_units"] == 0
+        },
+        "float_units": units[: chosen["float_units"]],
+        "trunk_units": len(units),
+        "candidates_on_val": [
+            {key: value for key, value in row.items() if key != "path"} for row in candidates
+        ],
         "size_ratio": fp32_path.stat().st_size / quantized.stat().st_size,
         "reason": (
             f"within {gate.max_accuracy_drop} accuracy of fp32 on val and test, agreeing on "
-            f"{scores['test']['top1_agreement']:.2%} of test (calibration: {chosen}, chosen on val)"
+            f"{scores['test']['top1_agreement']:.2%} of test (calibration: {chosen['method']}, "
+            f"{_float_units_text(chosen['float_units'], len(units))}, chosen on val)"
             if kept
             else "; ".join(problems) + ": the INT8 model was not kept"
         ),
@@ -364,6 +473,12 @@ def quantize_with_gate(
 
 
 EXPLAIN_IMAGES = 8
+
+
+def _float_units_text(count: int, total: int) -> str:
+    if not count:
+        return "every trunk unit int8"
+    return f"the first {count} of {total} trunk units float"
 
 
 def worst_activations(

@@ -125,6 +125,7 @@ def main(root: Path = Path(".")) -> Parity:
                 limits.int8_max_accuracy_drop,
                 limits.int8_min_top1_agreement,
                 tuple(limits.int8_calibration_methods),
+                limits.int8_max_float_units,
             ),
         )
         if int8["kept"]:
