@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -29,9 +28,9 @@ from tests.fixtures.serving.server import (
     DIGITS_MODEL,
     FIVE_MODEL,
     GRAFT,
-    IMAGES,
     NAN_MODEL,
-    direct_probabilities,
+    assert_graft_predict_answers_as_served,
+    assert_served_as_run_directly,
     running_server,
     sample_images,
 )
@@ -93,20 +92,7 @@ def test_health_readiness_and_metadata_describe_the_served_file(client):
 
 
 def test_predictions_on_real_digits_equal_onnxruntime_run_directly(client):
-    images = sample_images()
-    assert len(images) == 20
-    for image in images:
-        response = predict_raw(client, image.read_bytes())
-        assert response.status_code == 200, response.text
-        (answer,) = response.json()["predictions"]
-        labels, expected = direct_probabilities(DIGITS_MODEL, image)
-        served = {entry["label"]: entry["probability"] for entry in answer["top_k"]}
-        assert sorted(served) == sorted(labels)
-        np.testing.assert_allclose([served[label] for label in labels], expected, atol=1e-6)
-        assert answer["label"] == labels[int(np.argmax(expected))]
-        assert answer["probability"] == max(served.values())
-        ranked = [entry["probability"] for entry in answer["top_k"]]
-        assert ranked == sorted(ranked, reverse=True)
+    assert_served_as_run_directly(client, DIGITS_MODEL)
 
 
 def test_a_multipart_batch_answers_each_image_in_order_as_alone(client):
@@ -130,21 +116,7 @@ def test_a_multipart_batch_answers_each_image_in_order_as_alone(client):
 
 
 def test_graft_predict_gives_the_server_s_answers(client, tmp_path):
-    output = tmp_path / "predictions.json"
-    result = subprocess.run(
-        [*GRAFT, "predict", str(DIGITS_MODEL), str(IMAGES), "-o", str(output), "--top-k", "10"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(output.read_text())
-    assert [row["path"] for row in rows] == [str(image) for image in sample_images()]
-    for row in rows:
-        served = predict_raw(client, Path(row["path"]).read_bytes()).json()["predictions"][0]
-        assert row["error"] is None
-        assert row["top_k"] == served["top_k"]  # the same floats, not merely close ones
-        assert (row["label"], row["probability"]) == (served["label"], served["probability"])
+    assert_graft_predict_answers_as_served(client, DIGITS_MODEL, tmp_path / "predictions.json")
 
 
 def test_top_k_is_capped_at_the_number_of_labels(client):

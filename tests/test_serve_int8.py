@@ -3,21 +3,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-
 import httpx
-import numpy as np
 import pytest
 
 from tests.fixtures.serving.server import (
     FIXTURES,
-    GRAFT,
-    IMAGES,
-    direct_probabilities,
+    assert_graft_predict_answers_as_served,
+    assert_served_as_run_directly,
     running_server,
-    sample_images,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,17 +25,6 @@ def client():
             yield http
 
 
-def predict(client: httpx.Client, image: Path) -> dict:
-    response = client.post(
-        "/predict",
-        params={"top_k": 10},
-        content=image.read_bytes(),
-        headers={"content-type": "image/png"},
-    )
-    assert response.status_code == 200, response.text
-    return response.json()["predictions"][0]
-
-
 def test_the_fixture_is_an_int8_model_with_the_export_s_metadata(client):
     meta = client.get("/metadata").json()
     assert meta["labels"] == [str(d) for d in range(10)]
@@ -51,25 +33,8 @@ def test_the_fixture_is_an_int8_model_with_the_export_s_metadata(client):
 
 
 def test_int8_predictions_equal_onnxruntime_run_directly(client):
-    for image in sample_images():
-        answer = predict(client, image)
-        labels, expected = direct_probabilities(INT8_MODEL, image)
-        served = {entry["label"]: entry["probability"] for entry in answer["top_k"]}
-        np.testing.assert_allclose([served[label] for label in labels], expected, atol=1e-6)
-        assert answer["label"] == labels[int(np.argmax(expected))]
+    assert_served_as_run_directly(client, INT8_MODEL)
 
 
 def test_graft_predict_gives_the_int8_server_s_answers(client, tmp_path):
-    output = tmp_path / "predictions.json"
-    result = subprocess.run(
-        [*GRAFT, "predict", str(INT8_MODEL), str(IMAGES), "-o", str(output), "--top-k", "10"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(output.read_text())
-    assert [row["path"] for row in rows] == [str(image) for image in sample_images()]
-    for row in rows:
-        served = predict(client, Path(row["path"]))
-        assert row["top_k"] == served["top_k"]  # the same floats, not merely close ones
+    assert_graft_predict_answers_as_served(client, INT8_MODEL, tmp_path / "predictions.json")
