@@ -132,3 +132,38 @@ def test_the_card_names_the_cross_validated_probe_when_the_head_is_it():
         "train + val images); only the head was trained" in line
     )
     assert "linear head" not in line
+
+
+@pytest.mark.parametrize(
+    ("float_units", "says"),
+    [
+        ([], "INT8 (static QDQ, classifier in float, calibrated on 128 training images"),
+        (
+            ["/conv_stem", "/blocks/blocks.0/blocks.0.0"],
+            "INT8 (static QDQ, classifier in float, the trunk's first 2 of 18 units in float too, "
+            "calibrated on 128 training images",
+        ),
+    ],
+)
+def test_the_card_says_which_part_of_the_int8_model_stays_float(float_units, says):
+    int8 = {
+        "kept": True,
+        "calibration_images": 128,
+        "calibration_method": "minmax",
+        "int8_test_accuracy": 0.946,
+        "fp32_test_accuracy": 0.944,
+        "top1_agreement_with_fp32": 0.998,
+        "size_ratio": 3.5,
+        "float_units": float_units,
+        "trunk_units": 18,
+    }
+    spec = ModelSpec(
+        backbone="tf_efficientnet_lite0",
+        weights="packaged",
+        weights_sha256=None,
+        data_config=DataConfig((3, 224, 224), "bicubic", 0.875, "center", (0.5,) * 3, (0.5,) * 3),
+        labels=["cat", "dog"],
+    )
+    metadata = {"candidate": "finetuned", "data_version": "d1", "git_revision": "g1"}
+    text = model_card_markdown(spec, metadata, METRICS, Parity(20, 1e-6, 1e-7, 1.0), int8, None)
+    assert says in text and "kept as `models/int8/model.onnx`" in text
