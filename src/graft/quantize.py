@@ -319,14 +319,14 @@ def quantize_with_gate(
 ) -> dict[str, Any]:
     """Quantize the exported model and keep it as ``int8_dir/model.onnx`` only if it holds up.
 
-    The candidates are chosen on **val**, never on test. First each calibration method of
-    ``gate`` quantizes the whole trunk; the one whose model agrees best with fp32 on val (then
-    the most accurate there, then the first listed) is the choice if it passes the gate's limits
-    on val (accuracy within ``gate.max_accuracy_drop`` of fp32's, agreement at least
-    ``gate.min_top1_agreement``). If it does not, that method quantizes again with the trunk's
-    first 1, 2, ... ``gate.max_float_units`` units (:func:`trunk_units`) kept float, stopping
-    at the first that passes on val (mixed precision: the fewest float units that suffice);
-    when none does, the best on val is taken and the gate refuses it.
+    The candidates are chosen on **val**, never on test. First the calibration methods of
+    ``gate`` quantize the whole trunk, in their order, until one passes the gate's limits on val
+    (accuracy within ``gate.max_accuracy_drop`` of fp32's, agreement at least
+    ``gate.min_top1_agreement``): that one is the choice. If none does, the one agreeing best
+    with fp32 on val (then the most accurate there, then the first listed) quantizes again with
+    the trunk's first 1, 2, ... ``gate.max_float_units`` units (:func:`trunk_units`) kept
+    float, stopping at the first that passes on val (mixed precision: the fewest float units
+    that suffice); when none does, the best on val is taken and the gate refuses it.
 
     The chosen model is kept when, on val and on test, its accuracy is within
     ``gate.max_accuracy_drop`` of fp32's, and its top-1 agreement with fp32 on test is at least
@@ -390,7 +390,10 @@ def quantize_with_gate(
             ),
         )
 
-    chosen = best(candidate(method, 0) for method in list(gate.methods))
+    for method in gate.methods:  # the first that passes on val ends the search
+        if candidate(method, 0)["passes_on_val"]:
+            break
+    chosen = best(candidates)
     method, most = (
         chosen["method"],
         min(gate.max_float_units, len(units) - 1) if len(val.paths) else 0,
