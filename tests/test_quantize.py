@@ -15,6 +15,7 @@ import torch
 from graft.backbones import create_backbone
 from graft.preprocessing import eval_transform, load_rgb, load_tensor_batch
 from graft.quantize import (
+    _HAS_RANGES_CACHE,
     Int8Gate,
     LabelledImages,
     QuantizationError,
@@ -338,3 +339,18 @@ def test_without_float_units_allowed_the_sensitive_trunk_is_refused_with_its_fig
     assert [c["float_units"] for c in decision["candidates_on_val"]] == [0]
     assert "every trunk unit int8" not in decision["reason"]  # a refusal says what lost instead
     assert decision["worst_activations"]
+
+
+@pytest.mark.skipif(not _HAS_RANGES_CACHE, reason="this onnxruntime cannot keep ranges in a file")
+def test_ranges_kept_in_a_file_quantize_to_the_same_model_as_calibrating_again(
+    fp32_model, tmp_path
+):
+    path, images = fp32_model
+    ranges = tmp_path / "minmax.ranges.json"
+    quantize_static_qdq(path, tmp_path / "first.onnx", [images[:10]], ranges_cache=ranges)
+    assert ranges.is_file()
+    cached = quantize_static_qdq(
+        path, tmp_path / "cached.onnx", [images[:10]], float_units=2, ranges_cache=ranges
+    )
+    fresh = quantize_static_qdq(path, tmp_path / "fresh.onnx", [images[:10]], float_units=2)
+    assert cached.read_bytes() == fresh.read_bytes()
