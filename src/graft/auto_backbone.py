@@ -61,9 +61,8 @@ def choose_backbone(
     for name in settings.auto_candidates:
         backbone = create_backbone(name, settings.weights)
         cache = FeatureCache(cache_dir, embedding_key(backbone, "fp32"))
-        cache.verified_engine()
         timed = [data_dir / p for p in pool["path"].iloc[:TIMING_IMAGES]]
-        ms = _ms_per_image(backbone, timed, params, cache.onnx_path)
+        ms = _ms_per_image(backbone, timed, params)
         missing = len(pool) - len(cache.load(dict(zip(pool["sha256"], pool["path"], strict=True))))
         estimate = missing * ms / 1000
         elapsed = time.perf_counter() - started
@@ -113,16 +112,16 @@ def choose_backbone(
     }
 
 
-def _ms_per_image(backbone, images, params: Params, onnx_path) -> float:
+def _ms_per_image(backbone, images, params: Params) -> float:
     """Milliseconds per image of the backbone's forward pass on the configured engine (the best
-    of three runs after a warm-up; decoding left out)."""
+    of three runs after a warm-up; decoding left out), through a temporary export: the cache's
+    engine file is the embedding's to write, with its recorded sha256."""
     batch = load_tensor_batch(images, eval_transform(backbone.data_config))
     runner = make_runner(
         backbone.model,
         backbone.data_config.input_size,
         len(images),
         params.features.engine,
-        onnx_path=onnx_path,
     )
     runner(batch)
     best = float("inf")
