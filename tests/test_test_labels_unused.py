@@ -37,6 +37,8 @@ def _choices(paths: ProjectPaths) -> dict:
         stage.main(paths.root)
     head = read_json(paths.metrics / "head.json")
     tuned = read_json(paths.metrics / "finetune.json")
+    for trial in (tuned.get("recipes") or {}).values():
+        trial.pop("seconds", None)  # how long a recipe's trial took: timing, not a choice
     return {
         "head": head,  # the probe's C, its CV scores, its val accuracy
         "finetune": tuned,  # its best epoch, the candidate (over half-splits), the temperature
