@@ -7,7 +7,8 @@ import numpy as np
 
 from graft.calibration import confidence_ceiling, mean_confidence
 from graft.choices import choose_by_splits, half_splits, temperature_by_splits
-from graft.evaluate import candidate_summary
+from graft.evaluate import Blessing, candidate_summary, classification_metrics
+from graft.report import evaluation_markdown
 
 
 def _labels(n: int, classes: int = 4) -> np.ndarray:
@@ -77,3 +78,17 @@ def test_an_overconfident_model_keeps_a_temperature_that_helps_held_out_images()
     spread = temperature_by_splits(logits, labels, splits=50)
     assert spread["kept"] and spread["heldout_nll_after"] < spread["heldout_nll_before"]
     assert spread["temperature_median"] > 1.0
+
+
+def test_the_evaluation_report_gives_the_temperature_s_spread_on_a_small_val():
+    labels = _labels(40)
+    logits = np.random.default_rng(2).normal(size=(40, 4)) * 6.0
+    logits[np.arange(40), labels] += 3.0
+    spread = temperature_by_splits(logits, labels, splits=20)
+    probabilities = np.eye(4)[labels]
+    results = {"head": classification_metrics(labels, probabilities, list("abcd"))}
+    finetune = {"head_val_accuracy": 1.0, "temperature_splits": spread}
+    report = evaluation_markdown(results, finetune, Blessing(True, "head", "models/head.pt"), 0)
+    low, high = spread["temperature_ci90"]
+    assert f"on 20 half-splits of val the temperature fitted on one half ranges {low:.3f}" in report
+    assert ("kept." if spread["kept"] else "not applied") in report

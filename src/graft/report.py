@@ -181,6 +181,16 @@ def evaluation_markdown(
                 f"raised until the mean val confidence is {calibration['confidence_ceiling']:.4f},"
                 " Laplace's estimate of the accuracy."
             )
+    spread = finetune_metrics.get("temperature_splits") or {}
+    if spread.get("splits"):
+        low, high = spread["temperature_ci90"]
+        lines += [
+            "",
+            f"Val is small: on {spread['splits']} half-splits of val the temperature fitted on "
+            f"one half ranges {low:.3f}–{high:.3f} (90%) and takes the other half's log-loss "
+            f"from {spread['heldout_nll_before']:.4f} to {spread['heldout_nll_after']:.4f}: "
+            + ("kept." if spread["kept"] else "not applied (it does not help held-out images)."),
+        ]
     candidate = results[blessing.candidate]
     if candidate["n"] < SMALL_TEST_SET:
         low, high = candidate.get("accuracy_ci95_wilson", candidate["accuracy_ci95"])
