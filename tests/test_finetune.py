@@ -4,7 +4,9 @@ the NaN stop, and parameter errors."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 import graft.finetune as finetune_module
 from graft.backbones import create_backbone
 from graft.config import FinetuneParams, ParamsError, parse_params
+from graft.engines import make_runner
 from graft.finetune import (
     FinetuneError,
     augment_transform,
@@ -397,3 +400,24 @@ def test_the_trials_and_the_continuation_share_the_time_budget(digits, monkeypat
     assert all(trial["seconds"] <= 120.0 for trial in result.trials.values())  # each its share
     assert "time budget" in result.stopped and 2 <= len(result.history) - 1 < 50
     assert result.seconds <= 240.0  # the trials and the continuation together
+
+
+def test_the_frozen_prefix_session_is_released_before_training(digits, monkeypatch):
+    """Bounded memory: without augmentation the prefix runs once, so its onnxruntime session
+    (and the arena its runs grew) is gone while the top trains."""
+    made = []
+
+    def tracked(*args, **kwargs):
+        runner = make_runner(*args, **kwargs)
+        made.append(weakref.ref(runner))
+        return runner
+
+    monkeypatch.setattr(finetune_module, "make_runner", tracked)
+    alive = []
+
+    def on_epoch(_record, _model):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+
+    run(digits, settings(), on_epoch=on_epoch)
+    assert len(made) == 1 and alive == [0, 0]

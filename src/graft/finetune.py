@@ -444,6 +444,8 @@ def finetune(
             randomised = invariant_transform(invariances, train_transform or transform)
         if randomised is None and cut not in train_at:
             train_at[cut] = activations(cut, train_paths, transform, f"frozen prefix (top {cut})")
+        if randomised is None:  # not run again while training: its session and arena go
+            runners.pop(cut, None)
 
         def augmented(epoch: int) -> torch.Tensor:
             _seed_epoch(params.seed, epoch)  # the decoder thread is the only consumer here
