@@ -10,9 +10,12 @@ the milliseconds per image and the peak RSS, and between consecutive sizes the g
 of wall time (log t2/t1 over log n2/n1: 1.0 is linear; start-up costs pull it below 1 at small
 sizes), the marginal milliseconds per added image and the RSS ratio. The 1-minute load
 average is recorded beside each stage: figures taken on a loaded machine are inflated.
-Writes bench/results/scale.json and plots/scale.png.
+On the largest size, after the stages, ``graft validate`` runs again with one process (pinned to
+one core by ``taskset``, so graft's pool has one worker) and with the default pool (one process
+per core), alternating, ``--validate-repeats`` times each: the speed-up of the pool, with the load
+average beside each run. Writes bench/results/scale.json and plots/scale.png.
 
-    python bench/scale.py [--sizes 5000 20000 80000] [--keep DIR] [--append]
+    python bench/scale.py [--sizes 5000 20000 80000] [--keep DIR] [--append] [--validate-repeats 2]
 """
 
 from __future__ import annotations
@@ -111,6 +114,32 @@ def run_stage(root: Path, stage: str) -> dict[str, float]:
     }
 
 
+def validation_speedup(root: Path, repeats: int) -> dict:
+    """``graft validate`` on one core (one process) and on all (a process per core), alternating."""
+    cores = len(os.sched_getaffinity(0))
+    seconds: dict[str, list[float]] = {"1": [], str(cores): []}
+    loads = []
+    for _ in range(repeats):
+        for processes, prefix in (("1", ["taskset", "-c", "0"]), (str(cores), [])):
+            started = time.perf_counter()
+            subprocess.run(
+                [*prefix, "graft", "validate"], cwd=root, check=True, capture_output=True
+            )
+            seconds[processes].append(round(time.perf_counter() - started, 1))
+            loads.append(round(os.getloadavg()[0], 1))
+    best = {processes: min(times) for processes, times in seconds.items()}
+    return {
+        "images": int(root.name.split("-")[-1]),
+        "seconds": seconds,
+        "load_average_1m": loads,
+        "processes": cores,
+        "speedup_best": round(best["1"] / best[str(cores)], 2),
+        "speedup_median_pairs": round(
+            float(np.median([a / b for a, b in zip(*seconds.values(), strict=True)])), 2
+        ),
+    }
+
+
 def growth(runs: list[dict], stage: str) -> list[dict[str, float]]:
     """Between consecutive sizes: the wall-time growth exponent and the peak-RSS ratio."""
     steps = []
@@ -160,7 +189,9 @@ def main() -> None:
     parser.add_argument(
         "--append", action="store_true", help="add these sizes to bench/results/scale.json's"
     )
+    parser.add_argument("--validate-repeats", type=int, default=2)
     args = parser.parse_args()
+    validation = None
     runs = json.loads(RESULTS.read_text())["runs"] if args.append and RESULTS.exists() else []
     runs = [run for run in runs if run["images"] not in args.sizes]
     with tempfile.TemporaryDirectory(prefix="graft-scale-") as tmp:
@@ -186,6 +217,10 @@ def main() -> None:
             )
             runs.sort(key=lambda run: run["images"])
             write_results(runs)  # after each size: a later failure keeps what was measured
+        if args.validate_repeats:
+            validation = validation_speedup(root, args.validate_repeats)
+            print(f"validation, 1 process vs {validation['processes']}: {validation}", flush=True)
+            write_results(runs, validation)
     plot(runs, PLOT)
     print(json.dumps(growth_by_stage(runs), indent=2))
 
@@ -194,12 +229,13 @@ def growth_by_stage(runs: list[dict]) -> dict[str, list[dict[str, float]]]:
     return {stage: growth(runs, stage) for stage in STAGES}
 
 
-def write_results(runs: list[dict]) -> None:
+def write_results(runs: list[dict], validation: dict | None = None) -> None:
     figures = {
         "sizes": [run["images"] for run in runs],
         "model": "test_efficientnet (random weights, 160 px), 1 fine-tuning epoch, INT8 export",
         "runs": runs,
         "growth": growth_by_stage(runs),
+        "validation_processes": validation,
         "cpus": len(os.sched_getaffinity(0)),
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),
