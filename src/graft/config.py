@@ -268,7 +268,7 @@ class FinetuneParams(_Section):
         "unless another is ahead beyond noise on val. []: unfreeze_blocks and bn above alone",
     )
     trial_epochs: int = Field(
-        2, ge=1, description="epochs of each recipe's trial (the first of its own schedule)"
+        4, ge=1, description="epochs of each recipe's trial (the first of its own schedule)"
     )
     patience: int = Field(3, ge=1, description="epochs without val improvement ending a phase")
     max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")

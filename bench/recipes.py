@@ -1,0 +1,140 @@
+"""Benchmark: each fine-tuning recipe run to its full schedule, val and test accuracy per epoch.
+
+What ``finetune.recipes`` chooses between, measured beyond the trial: on a project where the
+pipeline has run up to ``train_head`` (``dvc repro train_head``), each recipe (``top<N>-frozen``,
+``top<N>-adapt``, ``+inv`` for the project's declared or given invariances) fine-tunes from the
+head with the project's ``finetune.*`` (any key overridable) and is scored after every epoch on
+val and on test. Test is looked at here only to judge the recipes and the trial rule, never by
+the pipeline. Seconds are wall-clock on whatever the machine is doing (see ``load``).
+
+Writes (merging by run name) ``runs`` of bench/results/recipes.json.
+
+    python bench/recipes.py --project PATH top2-frozen top2-adapt top2-frozen+inv \\
+        [--invariances hflip vflip rot90] [--set lr=0.003 ...] [--name SUFFIX]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from graft.classifier import build_classifier, load_checkpoint
+from graft.config import RECIPE_NAME, load_params
+from graft.data.manifest import read_manifest, usable_rows
+from graft.engines import make_runner
+from graft.features import forward_in_batches
+from graft.finetune import _Top, finetune, split_trunk
+from graft.paths import ProjectPaths
+from graft.preprocessing import eval_transform
+
+RESULTS = Path(__file__).parent / "results" / "recipes.json"
+
+
+def run_recipe(root: Path, recipe: str, invariances: list[str], overrides: dict) -> dict:
+    paths = ProjectPaths(root)
+    params = load_params(paths.params)
+    blocks, bn = RECIPE_NAME.fullmatch(recipe.removesuffix("+inv")).groups()
+    # The recipe alone, as finetune.recipes would run it (one phase of all the epochs).
+    schedule = {"recipes": [], "unfreeze_blocks": int(blocks), "bn": bn}
+    settings = type(params.finetune).model_validate(
+        {**params.finetune.model_dump(), **overrides, **schedule}
+    )
+    settings = settings.model_copy(update={"epochs": sum(e for _, e in settings.phases)})
+    head = load_checkpoint(paths.head_model)
+    model = build_classifier(head)
+    init = head.info.get("finetune_init")
+    if init is not None:
+        model.get_classifier().load_state_dict(init)
+    spec = head.spec
+    usable = usable_rows(read_manifest(paths.manifest))
+    index_of = {label: i for i, label in enumerate(spec.labels)}
+
+    def split_of(name: str):
+        rows = usable[usable["split"] == name]
+        labels = rows["label"].map(index_of).to_numpy(dtype=np.int64)
+        return [paths.data / p for p in rows["path"]], labels
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = map(split_of, ("train", "val", "test"))
+    transform = eval_transform(spec.data_config)
+    cut = int(blocks)
+    prefix = split_trunk(build_classifier(head).eval(), cut).prefix
+    runner = make_runner(prefix, spec.data_config.input_size, 64, "onnxruntime")
+    test_h = torch.from_numpy(forward_in_batches(runner, test_x, transform, 64, "test prefix"))
+    epochs, started = [], time.monotonic()
+
+    def on_epoch(record: dict, trained) -> None:
+        trained.eval()
+        with torch.inference_mode():
+            top = _Top(trained, cut, cut)
+            logits = torch.cat([top(chunk) for chunk in test_h.split(256)])
+        test_accuracy = float((logits.argmax(1).numpy() == test_y).mean())
+        epochs.append(
+            {
+                "epoch": record["epoch"],
+                "val_accuracy": round(record["val_accuracy"], 4),
+                "test_accuracy": round(test_accuracy, 4),
+                "seconds": round(time.monotonic() - started, 1),
+                "load": round(os.getloadavg()[0], 1),
+            }
+        )
+        print(json.dumps(epochs[-1]), flush=True)
+
+    result = finetune(
+        model,
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        transform,
+        spec.data_config.input_size,
+        settings,
+        "onnxruntime",
+        invariances=invariances if recipe.endswith("+inv") else [],
+        on_epoch=on_epoch,
+    )
+    best = next((e for e in epochs if e["epoch"] == result.best_epoch), None)
+    return {
+        "recipe": recipe,
+        "overrides": overrides,
+        "invariances": invariances if recipe.endswith("+inv") else [],
+        "train_images": len(train_y),
+        "val_images": len(val_y),
+        "test_images": len(test_y),
+        "best_epoch_on_val": result.best_epoch,
+        "val_accuracy": round(result.val_accuracy, 4),
+        "test_accuracy_of_best_on_val": best["test_accuracy"] if best else None,
+        "seconds": round(time.monotonic() - started, 1),
+        "epochs": epochs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="+")
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--invariances", nargs="*", default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="finetune keys, e.g. lr=0.003")
+    parser.add_argument("--name", default="", help="a suffix for the run names")
+    args = parser.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    invariances = args.invariances
+    if invariances is None:
+        invariances = list(load_params(ProjectPaths(args.project).params).data.invariances)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    for recipe in args.recipes:
+        run = run_recipe(
+            args.project, recipe, invariances or ["hflip", "vflip", "rot90"], overrides
+        )
+        results["runs"][recipe + args.name] = run
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
