@@ -90,8 +90,8 @@ def recipe_lines(finetune_metrics: dict[str, Any]) -> list[str]:
         return []
     default, chosen = choice["default"], choice["recipe"]
     lines = [
-        "Fine-tuning recipes (`finetune.recipes`), each tried for its first epochs, scored on "
-        f"**val** ({choice['val_images']} images):",
+        "Fine-tuning recipes (`finetune.recipes`), each tried for its first epochs and scored by "
+        f"its best trial epoch on **val** ({choice['val_images']} images):",
         "",
         "| recipe | trial epochs | val accuracy | seconds | vs the default (95% interval) |",
         "|---|---|---|---|---|",
