@@ -383,6 +383,7 @@ def test_a_run_killed_after_the_trials_resumes_to_the_uninterrupted_result(digit
         digits, params, checkpoint_dir=tmp_path / "b", on_epoch=lambda r, _m: again.append(r)
     )
     assert [r["epoch"] for r in again] == [3]  # neither trial nor epoch 2 ran again
+    assert resumed.resumed_at_epoch == 2
     assert resumed.recipe == uninterrupted.recipe and resumed.trials == uninterrupted.trials | {
         name: {**trial, "seconds": resumed.trials[name]["seconds"]}
         for name, trial in uninterrupted.trials.items()

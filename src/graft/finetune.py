@@ -533,6 +533,7 @@ class _PolicyRun:
         self.trial: dict[str, Any] = {}  # the trial's outcome, once it has run
         self.paused: dict[str, Any] | None = None  # the checkpoint the trial ended on
         self.last: dict[str, Any] | None = None  # the latest epoch's checkpoint
+        self.resumed_at: int | None = None  # the epoch a checkpoint on disk resumed after
 
     def locate(self, path: Path | None, identity: str) -> None:
         """Where this run's resume checkpoint lives, and the identity it must carry."""
@@ -605,14 +606,14 @@ class _PolicyRun:
         """
         self.budget_s = budget_s
         checkpoint = resume if resume is not None else _load_resumable(self.path, self.identity)
-        resumed_at = None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             state = copy.deepcopy(checkpoint["state"])
             self.last = checkpoint if "optimizer" in checkpoint else None
             if resume is None:
-                resumed_at = state["epoch"]
-                print(f"finetune: {self.name}: resuming after epoch {resumed_at} from {self.path}")
+                self.resumed_at = state["epoch"]  # kept when the trial's run goes on
+                epoch = self.resumed_at
+                print(f"finetune: {self.name}: resuming after epoch {epoch} from {self.path}")
         else:
             head = self.evaluate(_Top(self.model, self.cut, self.cut))
             state = _initial_state(self.model, *head)
@@ -660,7 +661,7 @@ class _PolicyRun:
             history=state["history"],
             bn=self.policy,
             stopped=state["stopped"],
-            resumed_at_epoch=resumed_at,
+            resumed_at_epoch=self.resumed_at,
             recipe=self.name,
             seconds=state["elapsed_s"],
         )
