@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from timm.utils import ModelEmaV3
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from graft.classifier import build_classifier, load_checkpoint
 from graft.config import RECIPE_NAME, load_params
@@ -37,7 +40,9 @@ from graft.preprocessing import eval_transform
 RESULTS = Path(__file__).parent / "results" / "recipes.json"
 
 
-def run_recipe(root: Path, recipe: str, invariances: list[str], overrides: dict) -> dict:
+def run_recipe(
+    root: Path, recipe: str, invariances: list[str], overrides: dict, ema_probes: list[float]
+) -> dict:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
     blocks, bn = RECIPE_NAME.fullmatch(recipe.removesuffix("+inv")).groups()
@@ -67,24 +72,42 @@ def run_recipe(root: Path, recipe: str, invariances: list[str], overrides: dict)
     prefix = split_trunk(build_classifier(head).eval(), cut).prefix
     runner = make_runner(prefix, spec.data_config.input_size, 64, "onnxruntime")
     test_h = torch.from_numpy(forward_in_batches(runner, test_x, transform, 64, "test prefix"))
+    val_h = torch.from_numpy(forward_in_batches(runner, val_x, transform, 64, "val prefix"))
     epochs, started = [], time.monotonic()
+    # Weight averages of the live weights riding along (BatchNorm frozen recipes: their
+    # statistics are not recomputed), each as finetune.ema_epochs would keep it: one run
+    # measures several time constants on the same training trajectory.
+    steps = math.ceil(len(train_y) / settings.batch_size)
+    probes = {e: ModelEmaV3(model, decay=math.exp(-1.0 / (e * steps))) for e in ema_probes}
+    hook = register_optimizer_step_post_hook(
+        lambda *_: [probe.update(model) for probe in probes.values()]
+    )
 
-    def on_epoch(record: dict, trained) -> None:
+    def accuracy_of(trained, activations: torch.Tensor, labels: np.ndarray) -> float:
         trained.eval()
         with torch.inference_mode():
             top = _Top(trained, cut, cut)
-            logits = torch.cat([top(chunk) for chunk in test_h.split(256)])
-        test_accuracy = float((logits.argmax(1).numpy() == test_y).mean())
-        epochs.append(
-            {
-                "epoch": record["epoch"],
-                "val_accuracy": round(record["val_accuracy"], 4),
-                "test_accuracy": round(test_accuracy, 4),
-                "seconds": round(time.monotonic() - started, 1),
-                "load": round(os.getloadavg()[0], 1),
-            }
-        )
-        print(json.dumps(epochs[-1]), flush=True)
+            logits = torch.cat([top(chunk) for chunk in activations.split(256)])
+        return round(float((logits.argmax(1).numpy() == labels).mean()), 4)
+
+    def on_epoch(record: dict, scored) -> None:
+        # scored: what the pipeline judges (the weight average when finetune.ema_epochs > 0);
+        # model: the live weights, trained in place.
+        epoch = {
+            "epoch": record["epoch"],
+            "val_accuracy": round(record["val_accuracy"], 4),
+            "test_accuracy": accuracy_of(scored, test_h, test_y),
+        }
+        if scored is not model:
+            epoch["live_val_accuracy"] = accuracy_of(model, val_h, val_y)
+            epoch["live_test_accuracy"] = accuracy_of(model, test_h, test_y)
+        for e, probe in probes.items():
+            epoch[f"ema{e:g}_val_accuracy"] = accuracy_of(probe.module, val_h, val_y)
+            epoch[f"ema{e:g}_test_accuracy"] = accuracy_of(probe.module, test_h, test_y)
+        epoch["seconds"] = round(time.monotonic() - started, 1)
+        epoch["load"] = round(os.getloadavg()[0], 1)
+        epochs.append(epoch)
+        print(json.dumps(epoch), flush=True)
 
     result = finetune(
         model,
@@ -99,10 +122,12 @@ def run_recipe(root: Path, recipe: str, invariances: list[str], overrides: dict)
         invariances=invariances if recipe.endswith("+inv") else [],
         on_epoch=on_epoch,
     )
+    hook.remove()
     best = next((e for e in epochs if e["epoch"] == result.best_epoch), None)
     return {
         "recipe": recipe,
         "overrides": overrides,
+        "ema_probes": ema_probes,
         "invariances": invariances if recipe.endswith("+inv") else [],
         "train_images": len(train_y),
         "val_images": len(val_y),
@@ -122,6 +147,13 @@ def main() -> None:
     parser.add_argument("--invariances", nargs="*", default=None)
     parser.add_argument("--set", nargs="*", default=[], help="finetune keys, e.g. lr=0.003")
     parser.add_argument("--name", default="", help="a suffix for the run names")
+    parser.add_argument(
+        "--ema-probes",
+        nargs="*",
+        type=float,
+        default=[],
+        help="time constants in epochs of weight averages scored alongside, e.g. 0.5 1 2",
+    )
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     invariances = args.invariances
@@ -130,7 +162,11 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
     for recipe in args.recipes:
         run = run_recipe(
-            args.project, recipe, invariances or ["hflip", "vflip", "rot90"], overrides
+            args.project,
+            recipe,
+            invariances or ["hflip", "vflip", "rot90"],
+            overrides,
+            args.ema_probes,
         )
         results["runs"][recipe + args.name] = run
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import graft.finetune as finetune_module
 from graft.backbones import create_backbone
@@ -153,6 +154,19 @@ class Killed(Exception):
     """Stands for the process being killed between two epochs."""
 
 
+def killed_after(digits, params: FinetuneParams, last_epoch: int, directory: Path) -> Path:
+    """Run until ``last_epoch``'s checkpoint is written, then stop as if killed; its path."""
+
+    def kill(epoch: dict, _model) -> None:
+        if epoch["epoch"] == last_epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(digits, params, checkpoint_dir=directory, on_epoch=kill)
+    (saved,) = directory.glob("*.resume.pt")
+    return saved
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path: Path):
     params = settings(
         unfreeze_blocks=[1, 2],
@@ -161,15 +175,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path: Path
         augment={"enabled": True, "scale": [0.6, 1.0]},
     )
     uninterrupted, _ = run(digits, params, checkpoint_dir=tmp_path / "a")
-
-    def kill_after_epoch_3(epoch: dict, _model) -> None:
-        if epoch["epoch"] == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(digits, params, checkpoint_dir=tmp_path / "b", on_epoch=kill_after_epoch_3)
-    (saved,) = (tmp_path / "b").glob("*.resume.pt")
-    checkpoint = torch.load(saved, weights_only=True)
+    checkpoint = torch.load(killed_after(digits, params, 3, tmp_path / "b"), weights_only=True)
     assert (checkpoint["state"]["epoch"], checkpoint["state"]["phase"]) == (3, 1)
     assert {n.split(".")[1] for n in checkpoint["trainable"] if n.startswith("blocks.")} == {
         "3",
@@ -422,3 +428,91 @@ def test_the_frozen_prefix_session_is_released_before_training(digits, monkeypat
 
     run(digits, settings(), on_epoch=on_epoch)
     assert len(made) == 1 and alive == [0, 0]
+
+
+# --- the weight average (finetune.ema_epochs) and manifold mixup (finetune.mixup_alpha) ---
+
+
+def test_the_weight_average_is_what_is_scored_and_kept(digits, monkeypatch):
+    """With ema_epochs, each epoch scores the exponential average of the live weights after
+    every step (from the head's), and the model returned is that average at the best epoch."""
+    scores = iter(np.linspace(0.1, 0.2, 20))  # every later epoch better on val: the last kept
+    monkeypatch.setattr(finetune_module, "accuracy", lambda *_: float(next(scores)))
+    params = settings(ema_epochs=1.0, epochs=3)
+    steps = math.ceil(len(digits["train"][1]) / params.batch_size)
+    decay = math.exp(-1.0 / (params.ema_epochs * steps))
+    model = copy.deepcopy(digits["model"])
+    by_hand = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
+
+    def average(_optimizer, _args, _kwargs) -> None:
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                by_hand[key].mul_(decay).add_(value.double(), alpha=1.0 - decay)
+
+    scored, live = [], []
+
+    def snapshot(_record, kept) -> None:
+        scored.append({k: v.detach().clone() for k, v in kept.state_dict().items()})
+        live.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        assert kept is not model
+
+    hook = register_optimizer_step_post_hook(average)
+    try:
+        (train_paths, train_y), (val_paths, val_y) = digits["train"], digits["val"]
+        config = digits["data_config"]
+        result = finetune(
+            model, train_paths, train_y, val_paths, val_y, eval_transform(config),
+            config.input_size, params, "onnxruntime", on_epoch=snapshot,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    trained = "blocks.4.0.conv_pw.weight"
+    for key, value in scored[-1].items():
+        torch.testing.assert_close(value.double(), by_hand[key], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(scored[-1][trained], live[-1][trained])  # an average, not the live
+    assert result.best_epoch == 3
+    kept = scored[-1]
+    for key, value in result.state_dict.items():
+        assert torch.equal(value, kept[key]), key
+    for key, value in model.state_dict().items():  # the model handed back: the average
+        assert torch.equal(value, kept[key]), key
+
+
+def test_without_averaging_or_mixup_the_live_weights_are_scored(digits):
+    seen = []
+    model = copy.deepcopy(digits["model"])
+    (train_paths, train_y), (val_paths, val_y) = digits["train"], digits["val"]
+    config = digits["data_config"]
+    finetune(
+        model, train_paths, train_y, val_paths, val_y, eval_transform(config),
+        config.input_size, settings(), "onnxruntime", on_epoch=lambda _r, m: seen.append(m),
+    )  # fmt: skip
+    assert seen and all(m is model for m in seen)
+
+
+def test_mixup_changes_the_training_and_is_deterministic_under_a_seed(digits):
+    plain, _ = run(digits, settings())
+    mixed, _ = run(digits, settings(mixup_alpha=0.4))
+    again, _ = run(digits, settings(mixup_alpha=0.4))
+    other_seed, _ = run(digits, settings(mixup_alpha=0.4, seed=1))
+    losses = [[r["train_loss"] for r in result.history[1:]] for result in (plain, mixed)]
+    assert losses[0] != losses[1]
+    assert [r["train_loss"] for r in again.history[1:]] == losses[1]
+    for key, value in mixed.state_dict.items():
+        assert torch.equal(again.state_dict[key], value), key
+    assert [r["train_loss"] for r in other_seed.history[1:]] != losses[1]
+
+
+def test_a_killed_run_with_the_weight_average_and_mixup_resumes_to_the_same_result(
+    digits, tmp_path: Path
+):
+    params = settings(epochs=3, ema_epochs=1.0, mixup_alpha=0.4)
+    uninterrupted, _ = run(digits, params, checkpoint_dir=tmp_path / "a")
+    saved = killed_after(digits, params, 2, tmp_path / "b")
+    assert torch.load(saved, weights_only=True)["ema"] is not None
+    resumed, _ = run(digits, params, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_at_epoch == 2
+    for mine, theirs in zip(resumed.history, uninterrupted.history, strict=True):
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
+    for key, value in uninterrupted.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[key], value, atol=1e-5, rtol=1e-5)

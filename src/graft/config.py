@@ -270,6 +270,19 @@ class FinetuneParams(_Section):
     trial_epochs: int = Field(
         4, ge=1, description="epochs of each recipe's trial (the first of its own schedule)"
     )
+    ema_epochs: float = Field(
+        0.0,
+        ge=0.0,
+        description="exponential moving average of the weights, its time constant in epochs "
+        "(per-step decay exp(-1 / (ema_epochs * steps per epoch))), from the head's weights on: "
+        "the average is what is scored on val and kept. 0: off, the live weights",
+    )
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0.0,
+        description="manifold mixup at the cut: each batch's activations mixed with the batch "
+        "reversed, by a Beta(alpha, alpha) weight, and the loss likewise. 0: off",
+    )
     patience: int = Field(3, ge=1, description="epochs without val improvement ending a phase")
     max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")
     amp: bool = Field(True, description="bf16 autocast and channels-last, on CUDA only")

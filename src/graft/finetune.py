@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from graft.config import RECIPE_NAME, AugmentParams, FinetuneParams
@@ -534,6 +535,24 @@ class _PolicyRun:
         self.paused: dict[str, Any] | None = None  # the checkpoint the trial ended on
         self.last: dict[str, Any] | None = None  # the latest epoch's checkpoint
         self.resumed_at: int | None = None  # the epoch a checkpoint on disk resumed after
+        self.ema: ModelEmaV3 | None = None  # the weight average scored and kept, when on
+
+    def start_ema(self, checkpoint: dict[str, Any] | None, steps: int) -> None:
+        """The exponential moving average of the weights (``finetune.ema_epochs``), updated
+        after every step from the head's weights on, or as the checkpoint left it."""
+        epochs = self.params.ema_epochs
+        if epochs <= 0:
+            self.ema = None
+            return
+        # A time constant of ema_epochs epochs, whatever the number of steps per epoch.
+        self.ema = ModelEmaV3(self.model, decay=math.exp(-1.0 / (epochs * steps)))
+        if checkpoint is not None and checkpoint.get("ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+
+    @property
+    def scored(self) -> nn.Module:
+        """The model scored on val and kept: the weight average when on, else the live one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def locate(self, path: Path | None, identity: str) -> None:
         """Where this run's resume checkpoint lives, and the identity it must carry."""
@@ -545,8 +564,9 @@ class _PolicyRun:
         return nullcontext()
 
     def evaluate(self, top: _Top) -> tuple[float, float, list[bool]]:
-        """(val loss, val accuracy, whether each val image is right) of the model in eval mode."""
-        self.model.eval()
+        """(val loss, val accuracy, whether each val image is right) of ``top``'s model in eval
+        mode (the live model, or its weight average)."""
+        top.model.eval()
         with torch.inference_mode():  # fp32 even under AMP: epoch 0 must score what the head did
             logits = torch.cat([top(chunk.float()) for chunk in self.data.val.split(256)])
         labels = self.data.val_labels
@@ -584,7 +604,7 @@ class _PolicyRun:
                 top(chunk)
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-        self.model.eval()
+        top.model.eval()
 
     def train(
         self,
@@ -619,6 +639,7 @@ class _PolicyRun:
             state = _initial_state(self.model, *head)
         started = _clock() - state["elapsed_s"]
         steps = math.ceil(len(self.data.train_labels) / self.params.batch_size)
+        self.start_ema(checkpoint, steps)
         phases = self.recipe.phases
         paused = until_epoch is not None and state["trial"] is not None  # ran before a restart
         while state["phase"] < len(phases) and state["stopped"] == "completed" and not paused:
@@ -651,7 +672,11 @@ class _PolicyRun:
                         _write_resumable(self.path, self.last)
             self.trial = state["trial"]
             # Where the continuation starts; a run that is over needs no optimizer to go on.
-            self.paused = self.last or {"model": _cpu(self.model.state_dict()), "state": state}
+            self.paused = self.last or {
+                "model": _cpu(self.model.state_dict()),
+                "ema": _cpu(self.scored.state_dict()) if self.ema is not None else None,
+                "state": state,
+            }
         head_acc = state["history"][0]["val_accuracy"]
         return FinetuneResult(
             state_dict={k: v.detach().cpu() for k, v in state["best_state"].items()},
@@ -706,9 +731,10 @@ class _PolicyRun:
             train_h = data.train if data.train is not None else data.augmented(epoch)
             _seed_epoch(params.seed, 1_000 + epoch)
             train_loss = self.train_epoch(top, optimizer, scheduler, train_h, epoch, state, steps)
+            scored = top if self.ema is None else _Top(self.ema.module, self.cut, blocks)
             if self.policy == "adapt":
-                self.recalibrate(top, train_h)
-            val_loss, val_acc, correct = self.evaluate(top)
+                self.recalibrate(scored, train_h)
+            val_loss, val_acc, correct = self.evaluate(scored)
             record = {
                 "recipe": self.name,
                 "epoch": epoch,
@@ -719,16 +745,25 @@ class _PolicyRun:
                 "val_accuracy": val_acc,
                 "lr": max(group["lr"] for group in optimizer.param_groups),
             }
-            phase_over = _record_epoch(state, record, correct, self.model, epochs, params.patience)
+            phase_over = _record_epoch(state, record, correct, self.scored, epochs, params.patience)
             state["elapsed_s"] = _clock() - started
-            self.last = _payload(self.identity, self.model, state, names, optimizer, scheduler)
+            self.last = _payload(
+                self.identity, self.model, self.ema, state, names, optimizer, scheduler
+            )
             if self.path is not None:
                 _write_resumable(self.path, self.last)
             if on_epoch is not None:
-                on_epoch(record, self.model)
+                on_epoch(record, self.scored)
             if phase_over:
                 return False
         return False
+
+    def mixing_weight(self) -> float:
+        """Manifold mixup's weight of each example for the next batch (1: not mixed), drawn from
+        Beta(alpha, alpha) by NumPy's stream, which each epoch seeds. Written here rather than
+        with timm's ``Mixup``, which refuses the odd-sized last batch."""
+        alpha = self.params.mixup_alpha
+        return float(np.random.beta(alpha, alpha)) if alpha > 0 else 1.0
 
     def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, steps) -> float:
         params, labels = self.params, self.data.train_labels
@@ -739,9 +774,15 @@ class _PolicyRun:
         description = f"finetune {self.name} epoch {epoch} (phase {state['phase'] + 1})"
         with progress(len(labels), description) as bar:
             for batch in order.split(params.batch_size):
+                inputs, targets = train_h[batch], labels[batch]
+                weight = self.mixing_weight()
+                if weight < 1.0:  # manifold mixup: each activation with the batch's reverse
+                    inputs = inputs * weight + inputs.flip(0) * (1.0 - weight)
                 with self._autocast():
-                    logits = top(train_h[batch])
-                loss = self.loss_fn(logits.float(), labels[batch])
+                    logits = top(inputs).float()
+                loss = self.loss_fn(logits, targets)
+                if weight < 1.0:
+                    loss = weight * loss + (1.0 - weight) * self.loss_fn(logits, targets.flip(0))
                 if not torch.isfinite(loss.detach()):
                     kept = (
                         f"the last good checkpoint (epoch {state['epoch']}) is kept at {self.path}"
@@ -756,6 +797,8 @@ class _PolicyRun:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 updates += 1
                 scheduler.step_update(updates)
                 total += loss.item() * len(batch)
@@ -841,12 +884,13 @@ def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def _payload(identity, model, state, names, optimizer, scheduler) -> dict[str, Any]:
+def _payload(identity, model, ema, state, names, optimizer, scheduler) -> dict[str, Any]:
     """A resume checkpoint: a copy, so that it stays what it was while training goes on."""
     return {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": identity,
         "model": _cpu(model.state_dict()),
+        "ema": _cpu(ema.module.state_dict()) if ema is not None else None,
         "state": {
             **copy.deepcopy({k: v for k, v in state.items() if k != "best_state"}),
             "best_state": _cpu(state["best_state"]),
