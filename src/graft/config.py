@@ -287,6 +287,13 @@ class FinetuneParams(_Section):
     max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget for the training")
     amp: bool = Field(True, description="bf16 autocast and channels-last, on CUDA only")
     seed: int = Field(0, description="seed of batch order and augmentation")
+    prefix_memory_mb: float = Field(
+        256.0,
+        gt=0.0,
+        description="the frozen prefix's activations of a split held in memory at most (MB); a "
+        "larger split is written to shards in .graft/scratch/ and streamed, a few shards at a "
+        "time (removed when the stage ends)",
+    )
 
     @field_validator("unfreeze_blocks")
     @classmethod

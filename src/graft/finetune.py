@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -47,17 +48,24 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from graft.activation_shards import (
+    InMemoryActivations,
+    ScratchSpace,
+    ShardedActivations,
+    store_activations,
+)
 from graft.config import RECIPE_NAME, AugmentParams, FinetuneParams
 from graft.data_config import DataConfig
 from graft.engines import Engine, make_runner, resolve_engine
 from graft.errors import GraftError
-from graft.features import forward_in_batches
+from graft.features import iter_batch_outputs
 from graft.files import replacing
 from graft.head import accuracy
 from graft.progress import progress
 
 CHECKPOINT_FORMAT = "graft.finetune.resume/2"
 EpochHook = Callable[[dict[str, Any], nn.Module], None]
+Activations = InMemoryActivations | ShardedActivations
 _clock = time.monotonic  # the clock of the time budget
 
 
@@ -175,6 +183,7 @@ class FinetuneResult:
     resumed_at_epoch: int | None = None
     val_logits: torch.Tensor | None = None  # the best model's, in the order of the val images
     head_val_logits: torch.Tensor | None = None  # the head's (epoch 0), in the same order
+    prefix: dict[str, Any] = field(default_factory=dict)  # where the activations were held
 
     @property
     def beats_head(self) -> bool:
@@ -370,11 +379,11 @@ def _restore_random_state(state: dict[str, Any]) -> None:
 class _Data:
     """Activations at the cut (computed once, or per epoch when augmenting) and labels."""
 
-    val: torch.Tensor
+    val: Activations
     val_labels: torch.Tensor
     train_labels: torch.Tensor
-    train: torch.Tensor | None  # None: recomputed each epoch from augmented images
-    augmented: Callable[[int], torch.Tensor]
+    train: Activations | None  # None: recomputed each epoch from augmented images
+    augmented: Callable[[int], Activations]
 
 
 def finetune(
@@ -393,6 +402,7 @@ def finetune(
     checkpoint_dir: Path | None = None,
     config_id: str = "",
     on_epoch: EpochHook | None = None,
+    scratch_dir: Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (backbone + trained head) and return its best state on val.
 
@@ -409,49 +419,118 @@ def finetune(
             checkpoint is resumed only when it, ``params`` and the recipe are those of this run.
         on_epoch: called after each epoch's checkpoint with the epoch's record (its
             ``recipe`` included) and the model.
+        scratch_dir: where a split's activations larger than ``params.prefix_memory_mb`` are
+            written while the run lasts (None: the system's temporary folder); removed after.
 
     Raises:
         FinetuneError: for a schedule the backbone cannot follow, or a NaN/infinite loss (the
             last good checkpoint is kept).
     """
     check_schedule(model, params)
+    root = scratch_dir if scratch_dir is not None else Path(tempfile.gettempdir()) / "graft"
+    with ScratchSpace(root) as scratch:
+        return _finetune(
+            model,
+            (train_paths, train_labels, val_paths, val_labels),
+            transform,
+            input_size,
+            params,
+            engine,
+            train_transform=train_transform,
+            invariances=invariances,
+            checkpoint_dir=checkpoint_dir,
+            config_id=config_id,
+            on_epoch=on_epoch,
+            scratch=scratch,
+        )
+
+
+def _finetune(
+    model: nn.Module,
+    splits: tuple[Sequence[Path], np.ndarray, Sequence[Path], np.ndarray],
+    transform: Callable[[Image.Image], torch.Tensor],
+    input_size: list[int],
+    params: FinetuneParams,
+    engine: Engine,
+    *,
+    train_transform: Callable[[Image.Image], torch.Tensor] | None,
+    invariances: Sequence[str],
+    checkpoint_dir: Path | None,
+    config_id: str,
+    on_epoch: EpochHook | None,
+    scratch: ScratchSpace,
+) -> FinetuneResult:
+    """:func:`finetune` with the scratch space its streamed activations are written to."""
+    train_paths, train_labels, val_paths, val_labels = splits
     recipes = recipes_of(params, invariances)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
     model.eval().to(device)
     memory_format = torch.channels_last if on_cuda and params.amp else torch.contiguous_format
     runners: dict[int, Any] = {}
+    budget_bytes = int(params.prefix_memory_mb * 2**20)
+    prefix_report: dict[str, Any] = {"memory_budget_mb": params.prefix_memory_mb, "splits": {}}
 
-    def activations(cut: int, paths: Sequence[Path], image_transform, name: str) -> torch.Tensor:
-        """The frozen prefix below the top ``cut`` blocks, run over the images."""
+    def activations(
+        cut: int, paths: Sequence[Path], image_transform, name: str, split: str
+    ) -> Activations:
+        """The frozen prefix below the top ``cut`` blocks, run over the images: in memory, or
+        streamed from disk shards when the split is larger than ``prefix_memory_mb``."""
         if cut not in runners:
             prefix = split_trunk(model, cut).prefix
             runners[cut] = make_runner(prefix, input_size, params.batch_size, engine)
-        array = forward_in_batches(runners[cut], paths, image_transform, params.batch_size, name)
-        return torch.from_numpy(array).to(device).contiguous(memory_format=memory_format)
+        with progress(len(paths), name) as bar:
+
+            def outputs():
+                for output in iter_batch_outputs(
+                    runners[cut], paths, image_transform, params.batch_size
+                ):
+                    bar.update(len(output))
+                    yield output
+
+            stored = store_activations(
+                outputs(), len(paths), budget_bytes, params.batch_size, scratch, device,
+                memory_format,
+            )  # fmt: skip
+        if stored.streamed and split not in prefix_report["splits"]:
+            print(
+                f"finetune: {name}: {len(stored)} images, {stored.nbytes / 2**20:.0f} MB > "
+                f"finetune.prefix_memory_mb ({params.prefix_memory_mb:g}): streamed from "
+                f"{stored.shards} shards ({stored.bytes_on_disk / 2**20:.0f} MB) in "
+                f"{scratch.folder}"
+            )
+        prefix_report["splits"][split] = {
+            "images": len(stored),
+            "mb": round(stored.nbytes / 2**20, 1),
+            "streamed": stored.streamed,
+            "shards": stored.shards,
+        }
+        return stored
 
     model.to(device=device, memory_format=memory_format)
     val_labels_t = torch.tensor(np.asarray(val_labels), dtype=torch.long, device=device)
     train_labels_t = torch.tensor(np.asarray(train_labels), dtype=torch.long, device=device)
-    val_at: dict[int, torch.Tensor] = {}
-    train_at: dict[int, torch.Tensor] = {}
+    val_at: dict[int, Activations] = {}
+    train_at: dict[int, Activations] = {}
 
     def data_for(recipe: Recipe) -> _Data:
         cut = recipe.cut
         if cut not in val_at:
-            val_at[cut] = activations(cut, val_paths, transform, f"frozen prefix (val, top {cut})")
+            name = f"frozen prefix (val, top {cut})"
+            val_at[cut] = activations(cut, val_paths, transform, name, f"val, top {cut}")
         randomised = train_transform
         if recipe.invariant:
             randomised = invariant_transform(invariances, train_transform or transform)
         if randomised is None and cut not in train_at:
-            train_at[cut] = activations(cut, train_paths, transform, f"frozen prefix (top {cut})")
+            name = f"frozen prefix (top {cut})"
+            train_at[cut] = activations(cut, train_paths, transform, name, f"train, top {cut}")
         if randomised is None:  # not run again while training: its session and arena go
             runners.pop(cut, None)
 
-        def augmented(epoch: int) -> torch.Tensor:
+        def augmented(epoch: int) -> Activations:
             _seed_epoch(params.seed, epoch)  # the decoder thread is the only consumer here
             name = f"frozen prefix (train, epoch {epoch}, {recipe.name})"
-            return activations(cut, train_paths, randomised, name)
+            return activations(cut, train_paths, randomised, name, f"train, {recipe.name}")
 
         return _Data(
             val=val_at[cut],
@@ -467,7 +546,7 @@ def finetune(
         model.eval()
         with torch.inference_mode():
             top = _Top(model, cut, cut)
-            return torch.cat([top(chunk.float()) for chunk in data.val.split(256)]).cpu()
+            return torch.cat([top(chunk.float()) for chunk in data.val.chunks(256)]).cpu()
 
     # The head alone (epoch 0), e.g. to average with the best.
     head_val_logits = val_logits(data_for(recipes[0]), recipes[0].cut)
@@ -518,6 +597,11 @@ def finetune(
     # What the best model says on val, e.g. to calibrate it.
     result.val_logits = val_logits(run.data, run.recipe.cut)
     result.head_val_logits = head_val_logits
+    result.prefix = {
+        **prefix_report,
+        "streamed": any(split["streamed"] for split in prefix_report["splits"].values()),
+        "disk_mb_peak": round(scratch.peak_bytes / 2**20, 1),
+    }
     return result
 
 
@@ -568,7 +652,7 @@ class _PolicyRun:
         mode (the live model, or its weight average)."""
         top.model.eval()
         with torch.inference_mode():  # fp32 even under AMP: epoch 0 must score what the head did
-            logits = torch.cat([top(chunk.float()) for chunk in self.data.val.split(256)])
+            logits = torch.cat([top(chunk.float()) for chunk in self.data.val.chunks(256)])
         labels = self.data.val_labels
         correct = (logits.argmax(dim=1) == labels).cpu().tolist()
         loss = float(nn.functional.cross_entropy(logits, labels)) if len(labels) else math.nan
@@ -587,7 +671,7 @@ class _PolicyRun:
             for norm in top.adapting_norms():
                 norm.train()
 
-    def recalibrate(self, top: _Top, train_h: torch.Tensor) -> None:
+    def recalibrate(self, top: _Top, train_h: Activations) -> None:
         """Adapting statistics: recompute them over train with the epoch's final weights.
 
         timm's TF-ported EfficientNets keep running statistics with momentum 0.01, far behind
@@ -600,7 +684,7 @@ class _PolicyRun:
             norm.momentum = None  # cumulative average over the pass
             norm.train()
         with torch.no_grad(), self._autocast():
-            for chunk in train_h.split(self.params.batch_size):
+            for chunk in train_h.chunks(self.params.batch_size):
                 top(chunk)
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
@@ -734,6 +818,8 @@ class _PolicyRun:
             scored = top if self.ema is None else _Top(self.ema.module, self.cut, blocks)
             if self.policy == "adapt":
                 self.recalibrate(scored, train_h)
+            if train_h is not data.train:
+                train_h.close()  # this epoch's augmented activations: their shards go
             val_loss, val_acc, correct = self.evaluate(scored)
             record = {
                 "recipe": self.name,
@@ -768,13 +854,12 @@ class _PolicyRun:
     def train_epoch(self, top, optimizer, scheduler, train_h, epoch, state, steps) -> float:
         params, labels = self.params, self.data.train_labels
         generator = torch.Generator().manual_seed(params.seed * 7919 + epoch)
-        order = torch.randperm(len(labels), generator=generator).to(labels.device)
         self.set_train_mode(top)
         total, updates = 0.0, (state["epoch_in_phase"]) * steps
         description = f"finetune {self.name} epoch {epoch} (phase {state['phase'] + 1})"
         with progress(len(labels), description) as bar:
-            for batch in order.split(params.batch_size):
-                inputs, targets = train_h[batch], labels[batch]
+            for batch, inputs in train_h.batches(params.batch_size, generator):
+                targets = labels[batch.to(labels.device)]
                 weight = self.mixing_weight()
                 if weight < 1.0:  # manifold mixup: each activation with the batch's reverse
                     inputs = inputs * weight + inputs.flip(0) * (1.0 - weight)

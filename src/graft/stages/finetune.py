@@ -2,7 +2,9 @@
 
 Writes the best model on val (the head itself when fine-tuning never beat it: the fallback),
 ``metrics/finetune.json`` with both val accuracies, the learning curve, and a DVCLive log. The
-per-epoch resume checkpoints live in ``models/checkpoints/`` until the run has finished.
+per-epoch resume checkpoints live in ``models/checkpoints/`` until the run has finished; a
+split whose frozen-prefix activations exceed ``finetune.prefix_memory_mb`` is streamed from
+shards in the git-ignored ``.graft/scratch/``, removed when the run ends.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ from graft.preprocessing import eval_transform
 
 def checkpoint_dir(paths: ProjectPaths) -> Path:
     return paths.finetuned_model.parent / "checkpoints"
+
+
+def scratch_dir(paths: ProjectPaths) -> Path:
+    """Where streamed activations are written while fine-tuning runs (git-ignored, outside DVC's
+    outputs, on the project's disk rather than a possibly memory-backed /tmp)."""
+    return paths.root / ".graft" / "scratch" / "finetune"
 
 
 def main(root: Path = Path(".")) -> FinetuneResult:
@@ -98,7 +106,9 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             checkpoint_dir=checkpoint_dir(paths),
             config_id=config_id,
             on_epoch=_print_epoch,
+            scratch_dir=scratch_dir(paths),
         )
+        print(f"finetune: {_prefix_summary(result.prefix)}")
     else:
         head_val = float(head.info["val_accuracy"])
         result = FinetuneResult(model.state_dict(), head_val, head_val, 0, [])
@@ -159,6 +169,7 @@ def main(root: Path = Path(".")) -> FinetuneResult:
             "calibration": calibration,
             "temperature_splits": temperature_splits,
             "invariances": list(params.data.invariances),
+            "prefix": result.prefix or None,  # held in memory or streamed from disk shards
         },
     )
     write_text_atomic(paths.plots / "finetune_history.csv", _history_csv(result.history))
@@ -207,6 +218,18 @@ def train_transform(
     if settings.augment.enabled:
         return augment_transform(data_config, settings.augment)
     return None
+
+
+def _prefix_summary(prefix: dict) -> str:
+    budget = f"finetune.prefix_memory_mb: {prefix['memory_budget_mb']:g}"
+    largest = max((split["mb"] for split in prefix["splits"].values()), default=0.0)
+    if not prefix["streamed"]:
+        return f"frozen prefix held in memory (largest split {largest:.0f} MB; {budget})"
+    streamed = [name for name, split in prefix["splits"].items() if split["streamed"]]
+    return (
+        f"frozen prefix streamed from disk shards ({'; '.join(streamed)}; {budget}): at most "
+        f"{prefix['disk_mb_peak']:.1f} MB on disk, removed"
+    )
 
 
 def _print_epoch(record: dict, _model) -> None:
