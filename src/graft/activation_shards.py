@@ -83,6 +83,7 @@ class ScratchSpace:
         self.bytes_now = 0
 
     def __enter__(self) -> ScratchSpace:
+        remove_stale(self.root)  # a killed run's, whether or not this run streams
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -91,7 +92,7 @@ class ScratchSpace:
 
 def remove_stale(root: Path) -> list[Path]:
     """Remove the scratch folders under ``root`` whose process has ended (a killed run's)."""
-    removed = []
+    removed: list[Path] = []
     for folder in Path(root).glob(f"{_RUN_PREFIX}*"):
         try:
             pid = int(folder.name[len(_RUN_PREFIX) :].split("-")[0])
