@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from graft.config import DataParams
+from graft.config import DataParams, load_params
 from graft.data.manifest import build_manifest, read_manifest
 from graft.parallel import CHUNK, ClusterUnreachable, map_in_processes
 from graft.paths import ProjectPaths
@@ -46,6 +46,22 @@ def test_two_processes_give_the_manifest_of_one(project, in_one_process):
     assert len(manifest) == 10 * PER_CLASS + 2 > CHUNK
     assert set(manifest.loc[manifest.status != "ok", "reason"]) == {"empty", "not_an_image"}
     pd.testing.assert_frame_equal(manifest, in_one_process)
+
+
+def test_the_validate_stage_on_two_local_processes_writes_the_manifest_of_one(
+    tmp_path, monkeypatch
+):
+    # Two cores: files checked in a pool of 2 processes, the suite built on a thread meanwhile.
+    monkeypatch.setattr("graft.parallel.local_cores", lambda: 2)
+    paths = make_project(tmp_path / "project", per_class=PER_CLASS)
+    add_bad_files(paths.data)
+    with data_unchanged(paths.data):
+        result = validate_stage.main(paths.root)
+    assert result.summary["expectations"]["success"]
+    assert result.summary["expectations"]["evaluated"] > 20
+    assert (paths.validation_reports / "data_docs" / "index.html").is_file()
+    one_process = build_manifest(paths.data, load_params(paths.params).data, map_images=map)
+    pd.testing.assert_frame_equal(read_manifest(paths.manifest), one_process)
 
 
 def test_the_validate_stage_runs_on_the_dask_scheduler_params_name(project, in_one_process):

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.spatial.distance import jensenshannon
 
 from graft.config import DataParams
 from graft.data.manifest import usable_rows
@@ -122,4 +121,8 @@ def _js_distance(before: list[int], now: list[int]) -> float:
     p, q = np.asarray(before, dtype=float), np.asarray(now, dtype=float)
     if p.sum() == 0 or q.sum() == 0:
         return 0.0 if p.sum() == q.sum() else 1.0
+    # Imported here: scipy.spatial takes a quarter of a second, paid before validation's
+    # workers start if imported with this module, and for free once Great Expectations is in.
+    from scipy.spatial.distance import jensenshannon
+
     return float(jensenshannon(p, q, base=2))

@@ -24,6 +24,7 @@ BROKEN_SYMLINK = "broken_symlink"
 SYMLINK_OUTSIDE_DATA = "symlink_outside_data"
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 UNDECODABLE_NAME = "undecodable_name"
+_KNOWN_EXTENSIONS = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS
 LayoutKind = Literal["class_folders", "split_folders"]
 
 
@@ -113,14 +114,15 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     ignored: list[IgnoredFile] = []
     label_depth = 1 if kind == "split_folders" else 0
     for path, problem in _walk(data_dir, roots):
-        relative = printable_name(path.relative_to(data_dir).as_posix())
-        if relative != path.relative_to(data_dir).as_posix():
+        posix = path.relative_to(data_dir).as_posix()
+        relative = printable_name(posix)
+        if relative != posix:
             problem = problem or UNDECODABLE_NAME  # later stages could not name it in the manifest
         parts = relative.split("/")
         suffix = path.suffix.lower()
         if len(parts) <= label_depth + 1:
             ignored.append(IgnoredFile(relative, problem or "outside_class_folder"))
-        elif suffix not in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS and not path.is_dir():
+        elif suffix not in _KNOWN_EXTENSIONS and not path.is_dir():
             ignored.append(IgnoredFile(relative, "not_an_image_extension"))
         else:
             if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:

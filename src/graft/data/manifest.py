@@ -85,6 +85,7 @@ def build_manifest(
     *,
     layout: Layout | None = None,
     map_images: MapImages | None = None,
+    once_started: Callable[[], object] | None = None,
 ) -> pd.DataFrame:
     """Decode every image under ``data_dir`` and describe it in one manifest row.
 
@@ -104,6 +105,9 @@ def build_manifest(
         layout: the result of :func:`~graft.data.layout.discover_images` if already known.
         map_images: maps the check of one file over the files, in order (graft.parallel: a
             process per core, or a Dask cluster); None: threads in this process.
+        once_started: called once the first file is checked, while the others are: work to
+            overlap with the checks. A process pool's workers are all forked by then, so it
+            may start threads.
 
     Returns:
         The manifest, sorted by path, with exactly the columns in ``MANIFEST_COLUMNS``.
@@ -118,6 +122,8 @@ def build_manifest(
             for row in described:
                 rows.append(row)
                 bar.update()
+                if once_started is not None and len(rows) == 1:
+                    once_started()
     has_val_folder = "val" in layout.split_folders
     for image, row in zip(images, rows, strict=True):
         row["split"] = _split_of(image, row["sha256"], params, has_val_folder)
