@@ -22,6 +22,10 @@ R = TypeVar("R")
 Mapper = Callable[[Callable[[T], R], Sequence[T]], Iterator[R]]
 
 CHUNK = 256  # items per task: a few seconds of image checks, small enough to spread evenly
+# Chunks in flight per worker. Results come back in order, so a worker that finishes early
+# takes the next chunks in flight while a slower one (sharing its core) holds the oldest; with
+# too few in flight it waits instead. The memory held is this many chunks' results.
+IN_FLIGHT_PER_WORKER = 4
 
 
 class ClusterUnreachable(GraftError):
@@ -94,9 +98,12 @@ def mapper_for(address: str | None, setting: str) -> AbstractContextManager[Mapp
 def _in_order(
     submit: Callable[[Sequence[T]], Any], items: Sequence[T], workers: int
 ) -> Iterator[R]:
-    """Submit chunks, two per worker in flight, and yield their results in the items' order."""
+    """Submit chunks, IN_FLIGHT_PER_WORKER per worker, and yield their results in the items'
+    order."""
     chunks = _chunks(items, CHUNK)
-    pending = deque(submit(chunk) for chunk in itertools.islice(chunks, 2 * max(1, workers)))
+    pending = deque(
+        submit(chunk) for chunk in itertools.islice(chunks, IN_FLIGHT_PER_WORKER * max(1, workers))
+    )
     while pending:
         done = pending.popleft().result()
         following = next(chunks, None)
