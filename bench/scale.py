@@ -17,10 +17,11 @@ On the largest size, after the stages, ``graft validate`` runs again with one pr
 one core by ``taskset``, so graft's pool has one worker) and with the default pool (one process
 per core), alternating, ``--validate-repeats`` times each: the speed-up of the pool, with the CPU
 seconds and the load average beside each run (``--validate-only``: that alone, on the kept
-images). Writes bench/results/scale.json and plots/scale.png (or ``--results``, ``--plot``).
+images; ``--realtime``: under round-robin real-time scheduling, so other sessions' load stays
+out). Writes bench/results/scale.json and plots/scale.png (or ``--results``, ``--plot``).
 
     python bench/scale.py [--sizes 5000 20000 80000] [--keep DIR] [--append] [--validate-repeats 2]
-        [--validate-only] [--results PATH] [--plot PATH]
+        [--validate-only] [--realtime] [--results PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -174,20 +175,23 @@ def run_stage(root: Path, stage: str) -> dict[str, float]:
     }
 
 
-def validation_speedup(root: Path, repeats: int) -> dict:
+def validation_speedup(root: Path, repeats: int, realtime: bool = False) -> dict:
     """``graft validate`` on one core (one process) and on all (a process per core), alternating.
 
     Beside each run's wall seconds: its CPU seconds (user + system, its processes together) and
     the 1-minute load average. On a machine busy with other sessions the kernel shares the CPU
     between sessions (autogroup), so a run gets about one session's share however many
     processes it starts: the wall-time ratio then says little; the CPU seconds show the work.
+    ``realtime``: each run under ``chrt -r 1`` (round-robin real-time scheduling, needs root),
+    so that other sessions' load does not take its CPU; both variants alike.
     """
     cores = len(os.sched_getaffinity(0))
     seconds: dict[str, list[float]] = {"1": [], str(cores): []}
     cpu_seconds: dict[str, list[float]] = {"1": [], str(cores): []}
     loads = []
     for _ in range(repeats):
-        for processes, prefix in (("1", ["taskset", "-c", "0"]), (str(cores), [])):
+        for processes, pinned in (("1", ["taskset", "-c", "0"]), (str(cores), [])):
+            prefix = ["chrt", "-r", "1", *pinned] if realtime else pinned
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             subprocess.run(
@@ -205,6 +209,7 @@ def validation_speedup(root: Path, repeats: int) -> dict:
         "cpu_seconds": cpu_seconds,
         "load_average_1m": loads,
         "processes": cores,
+        "realtime": realtime,
         "speedup_best": round(best["1"] / best[str(cores)], 2),
         "speedup_median_pairs": round(
             float(np.median([a / b for a, b in zip(*seconds.values(), strict=True)])), 2
@@ -270,6 +275,11 @@ def main() -> None:
         help="only the validation speed-up on the largest size (with --keep: its kept images), "
         "beside the stage figures already in the results",
     )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run each validation under chrt -r 1 (root): other sessions' load kept out",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where the figure goes")
     args = parser.parse_args()
@@ -308,7 +318,7 @@ def main() -> None:
                 results, model, runs
             )  # after each size: a later failure keeps what was measured
         if args.validate_repeats:
-            validation = validation_speedup(root, args.validate_repeats)
+            validation = validation_speedup(root, args.validate_repeats, args.realtime)
             print(f"validation, 1 process vs {validation['processes']}: {validation}", flush=True)
             write_results(results, model, runs, validation)
     if not args.validate_only:

@@ -7,9 +7,10 @@ drift profile. Great Expectations is imported before timing (a once-per-process 
 reported separately). Then the expectation suite alone on synthetic manifests of
 ``--suite-rows`` rows (10 classes, 1% quarantined, every row distinct): its seconds and
 microseconds per row, and the growth exponent between sizes (1.0: linear). Writes
-bench/results/validate.json, with the 1-minute load average.
+bench/results/validate.json (or ``--results``), with the 1-minute load average.
 
     python bench/validate.py [--images 1200] [--cores 2] [--suite-rows 20000 200000 1000000]
+        [--results PATH]
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
 
 
