@@ -7,10 +7,17 @@ head with the project's ``finetune.*`` (any key overridable) and is scored after
 val and on test. Test is looked at here only to judge the recipes and the trial rule, never by
 the pipeline. Seconds are wall-clock on whatever the machine is doing (see ``load``).
 
+With ``--ema-probes``, weight averages of the live weights (as ``finetune.ema_epochs`` keeps
+them, one per time constant in epochs) ride along the same training and are scored on val and
+test after every epoch too (``ema<E>_val_accuracy``): one run measures several time constants
+against the live weights. Probes suit BatchNorm-frozen recipes (their statistics are not
+recomputed).
+
 Writes (merging by run name) ``runs`` of bench/results/recipes.json.
 
     python bench/recipes.py --project PATH top2-frozen top2-adapt top2-frozen+inv \\
-        [--invariances hflip vflip rot90] [--set lr=0.003 ...] [--name SUFFIX]
+        [--invariances hflip vflip rot90] [--set lr=0.003 ...] [--name SUFFIX] \\
+        [--ema-probes 0.5 1 2 4]
 """
 
 from __future__ import annotations
@@ -132,6 +139,7 @@ def run_recipe(
         "train_images": len(train_y),
         "val_images": len(val_y),
         "test_images": len(test_y),
+        "stopped": result.stopped,
         "best_epoch_on_val": result.best_epoch,
         "val_accuracy": round(result.val_accuracy, 4),
         "test_accuracy_of_best_on_val": best["test_accuracy"] if best else None,
