@@ -516,3 +516,29 @@ def test_a_killed_run_with_the_weight_average_and_mixup_resumes_to_the_same_resu
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
     for key, value in uninterrupted.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_the_weight_average_of_adapting_batchnorm_has_its_own_statistics(digits):
+    """The average's BatchNorm statistics are recomputed over train for its own weights, not
+    averaged from the live model's."""
+    scored, live = [], []
+    model = copy.deepcopy(digits["model"])
+    (train_paths, train_y), (val_paths, val_y) = digits["train"], digits["val"]
+    config = digits["data_config"]
+
+    def snapshot(_record, kept) -> None:
+        for states, of in ((scored, kept), (live, model)):
+            states.append({k: v.clone() for k, v in _running_stats(of.state_dict(), "").items()})
+
+    params = settings(unfreeze_blocks=2, bn="adapt", epochs=1, ema_epochs=1.0)
+    finetune(
+        model, train_paths, train_y, val_paths, val_y, eval_transform(config),
+        config.input_size, params, "onnxruntime", on_epoch=snapshot,
+    )  # fmt: skip
+    initial = digits["model"].state_dict()
+    for key, value in scored[-1].items():
+        if key.startswith(("blocks.3.", "blocks.4.", "bn2.")):  # the trained blocks
+            assert not torch.allclose(value, initial[key]), key
+            assert not torch.allclose(value, live[-1][key]), key
+        else:
+            assert torch.equal(value, initial[key]), key
