@@ -113,8 +113,7 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     images: list[ImageFile] = []
     ignored: list[IgnoredFile] = []
     label_depth = 1 if kind == "split_folders" else 0
-    for path, problem in _walk(data_dir, roots):
-        posix = path.relative_to(data_dir).as_posix()
+    for path, posix, problem in _walk(data_dir, roots):
         relative = printable_name(posix)
         if relative != posix:
             problem = problem or UNDECODABLE_NAME  # later stages could not name it in the manifest
@@ -174,35 +173,37 @@ def _visible_folders(directory: Path) -> list[str]:
         )
 
 
-def _walk(directory: Path, roots: tuple[Path, ...]) -> Iterator[tuple[Path, str]]:
-    """Yield ``(path, problem)`` for each visible file below ``directory``, following links
-    that stay inside ``roots`` and reporting the others instead of reading them."""
-    yield from _walk_below(directory, roots, ancestors=(Path(os.path.realpath(directory)),))
+def _walk(directory: Path, roots: tuple[Path, ...]) -> Iterator[tuple[Path, str, str]]:
+    """Yield ``(path, relative, problem)`` for each visible file below ``directory`` (``relative``
+    to it, ``/``-separated), following links that stay inside ``roots`` and reporting the
+    others instead of reading them."""
+    yield from _walk_below(directory, "", roots, ancestors=(Path(os.path.realpath(directory)),))
 
 
 def _walk_below(
-    directory: Path, roots: tuple[Path, ...], ancestors: tuple[Path, ...]
-) -> Iterator[tuple[Path, str]]:
+    directory: Path, prefix: str, roots: tuple[Path, ...], ancestors: tuple[Path, ...]
+) -> Iterator[tuple[Path, str, str]]:
     with os.scandir(directory) as scan:
         entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=_name)
     for entry in entries:
         path = Path(entry.path)
+        relative = prefix + entry.name  # built as the walk goes: a million files, no relative_to
         if entry.is_symlink():
             target = Path(os.path.realpath(path))
             if not any(target.is_relative_to(root) for root in roots):
-                yield path, SYMLINK_OUTSIDE_DATA
+                yield path, relative, SYMLINK_OUTSIDE_DATA
                 continue
             if not target.exists():
-                yield path, BROKEN_SYMLINK  # a loop of links, too: it leads to nothing
+                yield path, relative, BROKEN_SYMLINK  # a loop of links, too: it leads to nothing
                 continue
         if entry.is_dir():
             real = Path(os.path.realpath(path))
             if real not in ancestors:  # a link back up the tree would never end
-                yield from _walk_below(path, roots, (*ancestors, real))
+                yield from _walk_below(path, relative + "/", roots, (*ancestors, real))
         elif entry.is_file():
-            yield path, ""
+            yield path, relative, ""
         else:  # a FIFO would block the reader forever; a socket or device is no image either
-            yield path, NOT_A_REGULAR_FILE
+            yield path, relative, NOT_A_REGULAR_FILE
 
 
 def _name(entry: os.DirEntry) -> str:
