@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--suite-rows", type=int, nargs="*", default=[20_000, 200_000, 1_000_000])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)  # threads started from here on share these cores
