@@ -339,8 +339,10 @@ def test_a_killed_promotion_leaves_no_server_listening(project):
     servers: list[int] = []
 
     def serving() -> bool:
-        servers[:] = [pid for pid in _children(promoting.pid) if _alive(pid)]
-        return bool(servers) and _ready(_port_of(servers[0]))
+        # A child caught between fork and exec still shows the promotion's own command line.
+        ports = {pid: _port_of(pid) for pid in _children(promoting.pid) if _alive(pid)}
+        servers[:] = [pid for pid, port in ports.items() if port is not None]
+        return bool(servers) and _ready(ports[servers[0]])
 
     wait_for(serving, 120, "the infra check's server")
     (server,) = servers
@@ -354,9 +356,13 @@ def test_a_killed_promotion_leaves_no_server_listening(project):
     assert not list(production(project).glob(".*.tmp"))
 
 
-def _port_of(pid: int) -> int:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return int(argv[argv.index(b"--port") + 1])
+def _port_of(pid: int) -> int | None:
+    """The ``--port`` of a server process, None if its command line has none (yet) or it ended."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return int(argv[argv.index(b"--port") + 1]) if b"--port" in argv else None
 
 
 # --- item 9: kept versions, unchanged re-promotion, rollback [--to] -----------------------------
