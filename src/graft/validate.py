@@ -23,7 +23,7 @@ from graft.config import DataParams
 from graft.data.drift import compare_profiles, profile_manifest
 from graft.data.expectations import ManifestSuite
 from graft.data.layout import Layout, LayoutError, discover_images
-from graft.data.manifest import DUPLICATE, MapImages, build_manifest, is_usable, usable_rows
+from graft.data.manifest import DUPLICATE, MapImages, build_manifest, is_usable
 from graft.data.splits import SPLITS
 from graft.errors import InputError
 
@@ -114,8 +114,10 @@ def summarise(
     expectations: dict[str, Any],
 ) -> dict[str, Any]:
     """Counts per class and split, every quarantined file, ignored files and the layout."""
-    ok = usable_rows(manifest)
-    quarantined = manifest[~is_usable(manifest)]
+    # Column by column: a frame of the usable rows would copy the manifest.
+    ok = is_usable(manifest)
+    quarantined = manifest.loc[~ok, ["path", "label", "reason"]]
+    usable_splits = manifest.loc[ok, "split"].value_counts()
     ignored_reasons = Counter(file.why for file in layout.ignored)
     return {
         "data_dir": data_dir.as_posix(),
@@ -125,12 +127,12 @@ def summarise(
             "val": _where_val_comes_from(layout),
         },
         "images": len(manifest),
-        "ok": len(ok),
+        "ok": int(ok.sum()),
         "quarantined": len(quarantined),
         "bad": int((quarantined["reason"] != DUPLICATE).sum()),
         "duplicates": int((quarantined["reason"] == DUPLICATE).sum()),
         "classes": class_counts(manifest, layout.classes),
-        "splits": {split: int((ok["split"] == split).sum()) for split in SPLITS},
+        "splits": {split: int(usable_splits.get(split, 0)) for split in SPLITS},
         "quarantined_files": [
             {"path": row.path, "label": row.label, "reason": row.reason}
             for row in quarantined.itertuples()
@@ -163,8 +165,8 @@ def _where_val_comes_from(layout: Layout) -> str:
 def class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> dict[str, dict[str, int]]:
     """Per class: usable (``ok``) and ``quarantined`` files, and usable files per split."""
     ok = is_usable(manifest)
-    usable = manifest[ok].groupby("label")["split"].value_counts()
-    quarantined = manifest[~ok]["label"].value_counts()
+    usable = manifest.loc[ok, ["label", "split"]].value_counts()
+    quarantined = manifest.loc[~ok, "label"].value_counts()
     counts = {}
     for label in classes:
         per_split = {split: int(usable.get((label, split), 0)) for split in SPLITS}
@@ -201,14 +203,14 @@ def _refuse_too_few_classes(data_dir: Path, layout: Layout) -> None:
 def _refuse_empty_splits(
     data_dir: Path, layout: Layout, manifest: pd.DataFrame, params: DataParams
 ) -> None:
-    ok = usable_rows(manifest)
+    usable_splits = set(manifest.loc[is_usable(manifest), "split"].unique())
     # Few-shot: a class of 1-2 images may have none to spare for val; the head is then chosen
     # by leave-one-out (graft.fewshot), so only train and test must have images.
     val_expected = not params.few_shot and (
         "val" in layout.split_folders or params.val_fraction > 0
     )
     required = [split for split in SPLITS if split != "val" or val_expected]
-    empty = [split for split in required if not (ok["split"] == split).any()]
+    empty = [split for split in required if split not in usable_splits]
     if not empty:
         return
     if layout.kind == "split_folders":

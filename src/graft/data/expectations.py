@@ -99,11 +99,9 @@ class ManifestSuite:
             actions.append(
                 gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["graft"])
             )
-        batch_definition = (
-            context.data_sources.add_pandas("graft")
-            .add_dataframe_asset("manifest")
-            .add_batch_definition_whole_dataframe("manifest")
-        )
+        self._datasource = context.data_sources.add_pandas("graft")
+        asset = self._datasource.add_dataframe_asset("manifest")
+        batch_definition = asset.add_batch_definition_whole_dataframe("manifest")
         # Added whole: the context stores the suite once, not once per expectation.
         suite = context.suites.add(
             gx.ExpectationSuite(
@@ -128,20 +126,32 @@ class ManifestSuite:
 
     def run(self, manifest: pd.DataFrame) -> dict[str, Any]:
         """The suite's verdict on ``manifest``, as :func:`run_manifest_expectations` returns it."""
-        outcome = self._checkpoint.run(
-            batch_parameters={"dataframe": with_derived_columns(manifest)}
-        )
+        try:
+            outcome = self._checkpoint.run(
+                batch_parameters={"dataframe": with_derived_columns(manifest)}
+            )
+        finally:
+            _forget_batch(self._datasource.get_execution_engine())
         (result,) = outcome.run_results.values()
         return _summarise(result)
 
 
+def _forget_batch(engine: Any) -> None:
+    """Drop the frame and the metrics computed on it (most a value per row and rule) that the
+    data source's engine keeps until its next batch: Great Expectations holds the context
+    globally, so they would stay in memory while the summary and the profile are computed."""
+    engine.batch_manager.reset_batch_cache()
+    engine.batch_manager.batch_data_cache.clear()
+    engine._metric_cache.clear()  # no public way; an empty cache is the engine's start state
+
+
 def with_derived_columns(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest plus the per-row columns the data-set rules are checked on."""
-    frame = manifest.copy()
+    frame = manifest.copy(deep=False)
     if not {"sha256", "split", "status", "label"} <= set(frame.columns):
         return frame  # the column expectations will say what is missing
     ok = frame["status"] == "ok"
-    usable = frame[ok]
+    usable = frame.loc[ok, ["sha256", "split", "label"]]  # not a copy of every column
     splits_per_content = usable.groupby("sha256")["split"].nunique()
     frame[SPLITS_SHARING_CONTENT] = frame["sha256"].map(splits_per_content).fillna(0)
     per_class = usable["label"].value_counts()

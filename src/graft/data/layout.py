@@ -10,6 +10,7 @@ silently. Nothing here opens an image or writes anything.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,16 @@ class LayoutError(ValueError):
     """The data folder mixes the two layouts, so classes and splits would be guessed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageFile:
     """One image file found under the data folder.
 
+    A million are held while validation checks the files, so each keeps only text, mostly
+    shared: its folder is one string for all, and ``path`` is made when asked for (a ``Path``
+    per file would take 300 bytes more).
+
     Attributes:
-        path: where it was found (below the data folder, symlinks not resolved).
+        folder: the data folder it was found under.
         relative: its path relative to the data folder, with ``/`` separators.
         label: its class folder's name.
         split: the split folder it sits in, or None in the class-folder layout.
@@ -46,13 +51,21 @@ class ImageFile:
             ``undecodable_name`` (not UTF-8: ``relative`` and ``label`` show it escaped),
             ``unsupported_format`` for an image type graft cannot read,
             e.g. ``.heic``), or "".
+        spelled: its path relative to the data folder as the file system spells it, where
+            ``relative`` had to escape it (``undecodable_name``); otherwise "".
     """
 
-    path: Path
+    folder: str
     relative: str
     label: str
     split: str | None
     problem: str = ""
+    spelled: str = ""
+
+    @property
+    def path(self) -> Path:
+        """Where it was found (below the data folder, symlinks not resolved)."""
+        return Path(self.folder, self.spelled or self.relative)
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
     images: list[ImageFile] = []
     ignored: list[IgnoredFile] = []
     label_depth = 1 if kind == "split_folders" else 0
+    folder = str(data_dir)
     for path, posix, problem in _walk(data_dir, roots):
         relative = printable_name(posix)
         if relative != posix:
@@ -126,8 +140,11 @@ def discover_images(data_dir: Path, *, link_roots: Sequence[Path] | None = None)
         else:
             if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
                 problem = problem or "unsupported_format"
-            split = parts[0] if kind == "split_folders" else None
-            images.append(ImageFile(path, relative, parts[label_depth], split, problem))
+            # One string object per class and split, shared by their images.
+            label = sys.intern(parts[label_depth])
+            split = sys.intern(parts[0]) if kind == "split_folders" else None
+            spelled = posix if relative != posix else ""
+            images.append(ImageFile(folder, relative, label, split, problem, spelled))
     return Layout(
         kind=kind,
         classes=_class_names(data_dir, kind, top_folders),

@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import ImageStat
 
@@ -45,6 +47,7 @@ MANIFEST_COLUMNS = (
 )
 INTEGER_COLUMNS = ("bytes", "width", "height")
 FLOAT_COLUMNS = ("brightness",)
+_UNIQUE_TEXT_COLUMNS = ("path", "sha256")
 DUPLICATE = "duplicate"
 TOO_LARGE = "too_large"  # over data.max_file_bytes: quarantined without being read
 # Decoding holds whole images in memory, so a few threads are plenty (Pillow releases the GIL).
@@ -115,19 +118,19 @@ def build_manifest(
         layout = discover_images(data_dir)
     images = layout.images
     has_val_folder = "val" in layout.split_folders
-    # Column by column as the rows come back: a dict per image would hold a third more memory.
-    columns: dict[str, list] = {column: [] for column in MANIFEST_COLUMNS}
+    columns = _Columns()
     with _mapper(map_images, len(images)) as mapper:
         described = mapper(functools.partial(_describe, params=params), images)
         with progress(len(images), "checking images") as bar:
             for count, (image, row) in enumerate(zip(images, described, strict=True), 1):
                 row["split"] = _split_of(image, row["sha256"], params, has_val_folder)
-                for column, values in columns.items():
-                    values.append(row[column])
+                # The layout's strings, not the copies a worker process sent back.
+                row["path"], row["label"] = image.relative, image.label
+                columns.append(row)
                 bar.update()
                 if once_started is not None and count == 1:
                     once_started()
-    manifest = _quarantine_duplicates(_as_frame(columns))
+    manifest = _quarantine_duplicates(columns.frame())
     if params.few_shot:
         hashed = [image.split is None or image.split == "train" for image in images]
         movable = pd.Series(hashed, index=[image.relative for image in images])
@@ -222,18 +225,63 @@ def give_every_class_a_train_image(
 
 def _quarantine_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     ok = is_usable(manifest)
-    repeated = manifest[ok].duplicated(subset=["sha256", "split", "label"], keep="first")
+    repeated = manifest.loc[ok, ["sha256", "split", "label"]].duplicated(keep="first")
     later_copies = repeated[repeated].index
     manifest.loc[later_copies, "status"] = "quarantined"
     manifest.loc[later_copies, "reason"] = DUPLICATE
     return manifest
 
 
-def _as_frame(columns: dict[str, list]) -> pd.DataFrame:
-    frame = pd.DataFrame(columns, columns=list(MANIFEST_COLUMNS))
-    columns.clear()  # the frame holds the values now
-    frame = frame.sort_values("path", kind="stable", ignore_index=True)
-    return _with_column_types(frame)
+class _Columns:
+    """The manifest's columns, filled row by row as the checks come back, each value kept as
+    the frame will hold it: a number as 8 bytes and a flag when missing (not a Python object),
+    a text of few distinct values (split, format, mode, status, reason) as a reference to one
+    shared string, and path and label as the layout's own strings. The frame is then made of
+    these arrays, not of a copy of them."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, list] = {
+            column: []
+            for column in MANIFEST_COLUMNS
+            if column not in INTEGER_COLUMNS + FLOAT_COLUMNS
+        }
+        self._numbers = {
+            **{column: array("q") for column in INTEGER_COLUMNS},
+            **{column: array("d") for column in FLOAT_COLUMNS},
+        }
+        self._missing = {column: bytearray() for column in self._numbers}
+        self._shared: dict[str, str] = {}
+
+    def append(self, row: dict) -> None:
+        for column, values in self._texts.items():
+            value = row[column]
+            if column not in _UNIQUE_TEXT_COLUMNS:
+                value = self._shared.setdefault(value, value)
+            values.append(value)
+        for column, numbers in self._numbers.items():
+            value = row[column]
+            missing = value is pd.NA or value is None
+            numbers.append(0 if missing else value)
+            self._missing[column].append(missing)
+
+    def frame(self) -> pd.DataFrame:
+        """The manifest of the rows appended, sorted by path; the columns are emptied."""
+        data = {}
+        for column in MANIFEST_COLUMNS:
+            if column in self._numbers:
+                numbers = np.array(self._numbers.pop(column))
+                missing = np.array(self._missing.pop(column), dtype=bool)
+                masked = (
+                    pd.arrays.FloatingArray if column in FLOAT_COLUMNS else pd.arrays.IntegerArray
+                )
+                data[column] = masked(numbers, missing)
+            else:
+                texts = np.array(self._texts.pop(column), dtype=object)
+                data[column] = pd.Series(texts, dtype=object, copy=False)  # str, never inferred
+        frame = pd.DataFrame(data, copy=False)
+        if not frame["path"].is_monotonic_increasing:  # the layout lists files sorted already
+            frame = frame.sort_values("path", kind="stable", ignore_index=True)
+        return frame
 
 
 def _with_column_types(frame: pd.DataFrame) -> pd.DataFrame:
