@@ -21,6 +21,7 @@ from graft.engines import (
 from graft.features import forward_in_batches
 from graft.finetune import split_trunk
 from graft.preprocessing import eval_transform, load_tensor_batch
+from graft.runtime import slice_rows
 from graft.sample_data import write_sample_data
 
 
@@ -85,6 +86,12 @@ def test_a_batch_over_the_memory_budget_runs_in_slices_with_the_same_outputs(dig
     np.testing.assert_allclose(sliced(batch), whole(batch), atol=1e-5)
     assert sliced.rows == 2
     assert sliced.session.rows == [2, 2, 1]  # never more than two images' activations at once
+    # Slices of equal size: 5 images at 4 a run go as 3 + 2, not 4 + 1.
+    four = OnnxRunner(backbone.model, size, batch_size=5, run_memory_mb=4.5 * per_image / 2**20)
+    four.session = _CountingSession(four.session)
+    np.testing.assert_allclose(four(batch), whole(batch), atol=1e-5)
+    assert four.rows == 4
+    assert four.session.rows == [3, 2]
 
 
 def test_the_default_budget_runs_64_lite0_images_at_224_px_a_run(tmp_path):
@@ -94,6 +101,7 @@ def test_the_default_budget_runs_64_lite0_images_at_224_px_a_run(tmp_path):
     path = export_engine(backbone.model, size, tmp_path / "lite0.onnx")
     assert 9e6 < activation_bytes_per_image(path, size) < 11e6
     assert 64 <= rows_for_budget(path, size) < 128  # the features batch (64) runs whole
+    assert slice_rows(64, rows_for_budget(path, size, budget_mb=384)) == 32  # 32 + 32
     assert rows_for_budget(path, size, budget_mb=100) == 10
 
 

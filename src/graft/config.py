@@ -160,7 +160,7 @@ class FeaturesParams(_Section):
         768,
         gt=0,
         description="onnxruntime: memory for one run's activations; a batch that needs more "
-        "runs in slices (64 images of tf_efficientnet_lite0 at 224 px fit 768 MB)",
+        "runs in equal slices (64 images of tf_efficientnet_lite0 at 224 px fit 768 MB)",
     )
     shard_size: int = Field(256, ge=1, description="images per cache shard (and Dask task)")
     cache_dir: str = Field(

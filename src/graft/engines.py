@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graft.export import export_onnx
-from graft.runtime import inference_session, run_single
+from graft.runtime import inference_session, run_single, slice_rows
 
 Engine = Literal["auto", "torch", "onnxruntime"]
 Runner = Callable[[torch.Tensor], np.ndarray]
@@ -135,7 +135,7 @@ class OnnxRunner:
                 self.session = inference_session(path, threads=threads)
                 self.rows = rows_for_budget(path, input_size, run_memory_mb)
         self.input_name = self.session.get_inputs()[0].name
-        warm = np.zeros((min(batch_size, self.rows), *input_size), np.float32)
+        warm = np.zeros((slice_rows(batch_size, self.rows), *input_size), np.float32)
         self.session.run(None, {self.input_name: warm})
 
     def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:

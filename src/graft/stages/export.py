@@ -36,7 +36,7 @@ from graft.paths import ProjectPaths
 from graft.portable import uint8_nhwc_variant
 from graft.preprocessing import eval_transform, load_rgb, resize_and_crop
 from graft.quantize import Int8Gate, LabelledImages, calibration_sample, quantize_with_gate
-from graft.runtime import inference_session
+from graft.runtime import MAX_PIXELS_PER_RUN, inference_session, rows_per_run
 from graft.tta import InvariantAverage
 
 
@@ -197,9 +197,12 @@ def _portable(
     test_images: list[Path],
     fp32_logits: np.ndarray,
     limits,
-    batch_size: int = 64,
 ) -> dict:
-    """``models/portable/``: the uint8 NHWC variant, checked against the float model on test."""
+    """``models/portable/``: the uint8 NHWC variant, checked against the float model on test.
+
+    Its runs take as many images as the other session-only checks (16 at 224 px): 64 a run
+    lifted the stage's peak by 0.6 GB on the sample.
+    """
     folder = paths.portable_dir
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -218,6 +221,7 @@ def _portable(
         uint8_input=True,
     )
     session = inference_session(folder / "model.onnx")
+    batch_size = rows_per_run(config.input_size, MAX_PIXELS_PER_RUN)
     pixels = resize_and_crop(config)
     outputs = [
         session.run(None, {INPUT_NAME: np.stack([pixels(load_rgb(p)) for p in chunk])})[0]
