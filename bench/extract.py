@@ -2,11 +2,14 @@
 
 Baseline: ``model.eval()``, ``torch.inference_mode()``, batch 32, NCHW — what one writes by hand.
 Beside it, a bare onnxruntime session (default options, 64 images a run) on the same exported
-file: graft's fp32 engine over it is the share of the engine's speed graft keeps.
+file: graft's fp32 engine over it is the share of the engine's speed graft keeps, with the
+default ``features.run_memory_mb`` (a batch of 64 in one run for Lite0 at 224 px) and with half
+of it (two runs of 32, an arena about half as large).
 graft: the engine ``features.engine: auto`` picks (onnxruntime on CPU), batch 64, in fp32 and
 INT8 (static QDQ, calibrated on the bench images). All in one process on the same decoded
 images; after a warm-up of each, the engines take turns on each 64-image slice (baseline, fp32,
-INT8, next slice, ...) so that load from other processes hits all of them alike, and each repeat
+INT8, next slice, ...; the order rotating from slice to slice) so that load from other
+processes and the position in the turn hit all of them alike, and each repeat
 (one pass over the images) gives its own ratio. The 1-minute load average is recorded.
 The median ratio is the figure; every repeat is reported. Also measured: the end-to-end rate
 including decoding and preprocessing (graft's overlapped pipeline), and ``embed`` through the
@@ -34,10 +37,11 @@ import torch
 from graft.backbones import create_backbone
 from graft.config import FeaturesParams
 from graft.embedding import embed
-from graft.engines import OnnxRunner, export_engine, resolve_engine
+from graft.engines import RUN_MEMORY_MB, OnnxRunner, export_engine, resolve_engine
 from graft.features import forward_in_batches
 from graft.preprocessing import eval_transform, load_tensor_batch
 from graft.quantize import quantize_static_qdq
+from graft.runtime import slice_rows
 from graft.sample_data import write_sample_data
 
 RESULTS = Path(__file__).parent / "results" / "extract.json"
@@ -73,6 +77,13 @@ def main() -> None:
         )
         fp32 = OnnxRunner(None, input_size, 64, onnx_path=fp32_path)
         int8 = OnnxRunner(None, input_size, 64, onnx_path=int8_path)
+        fp32_rows = fp32.rows  # the images its run_memory_mb lets one run take
+        # The same engine with half the default budget (a smaller arena, more runs): what that
+        # memory would cost in speed, measured alongside.
+        fp32_half = OnnxRunner(
+            None, input_size, 64, onnx_path=fp32_path, run_memory_mb=RUN_MEMORY_MB / 2
+        )
+        fp32_half_rows = fp32_half.rows
 
         def plain_timm_loop(images: torch.Tensor) -> None:
             with torch.inference_mode():
@@ -89,6 +100,7 @@ def main() -> None:
             "baseline": plain_timm_loop,
             "bare_onnxruntime": bare_session,
             "fp32": fp32,
+            "fp32_half_budget": fp32_half,
             "int8": int8,
         }
         for run in engines.values():
@@ -96,10 +108,17 @@ def main() -> None:
         # Interleaved per 64 images, so a burst of load from other processes hits every engine
         # of that slice alike; one repeat is one pass over all the images.
         seconds = {name: [0.0] * args.repeats for name in [*engines, "end_to_end"]}
+        # The order rotates from slice to slice: an engine that always ran right after the
+        # same other one ran slower by position alone (a bare session ahead of graft's engine
+        # measured 0.90 of it one way round and 1.14 the other, same session options).
+        names = list(engines)
         for repeat in range(args.repeats):
-            for chunk in decoded.split(64):
-                for name, run in engines.items():
-                    seconds[name][repeat] += timed(lambda run=run, chunk=chunk: run(chunk))
+            for index, chunk in enumerate(decoded.split(64)):
+                shift = (repeat * 4 + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    seconds[name][repeat] += timed(
+                        lambda run=engines[name], chunk=chunk: run(chunk)
+                    )
             seconds["end_to_end"][repeat] = timed(
                 lambda: forward_in_batches(fp32, paths, transform, 64, "", show_progress=False)
             )
@@ -134,8 +153,23 @@ def main() -> None:
         "baseline_timm_eager_batch32_images_per_s": rate("baseline"),
         "bare_onnxruntime_batch64_images_per_s": rate("bare_onnxruntime"),
         "graft_fp32_batch64_images_per_s": rate("fp32"),
+        "graft_run_memory_mb": RUN_MEMORY_MB,
+        "graft_images_per_run": slice_rows(64, fp32_rows),
         "graft_fp32_vs_bare_onnxruntime_median": statistics.median(
             [b / g for b, g in zip(seconds["bare_onnxruntime"], seconds["fp32"], strict=True)]
+        ),
+        "graft_fp32_vs_bare_onnxruntime_repeats": [
+            b / g for b, g in zip(seconds["bare_onnxruntime"], seconds["fp32"], strict=True)
+        ],
+        "graft_fp32_half_budget_run_memory_mb": RUN_MEMORY_MB / 2,
+        "graft_fp32_half_budget_images_per_run": slice_rows(64, fp32_half_rows),
+        "graft_fp32_half_budget_vs_bare_onnxruntime_median": statistics.median(
+            [
+                b / g
+                for b, g in zip(
+                    seconds["bare_onnxruntime"], seconds["fp32_half_budget"], strict=True
+                )
+            ]
         ),
         "graft_int8_batch64_images_per_s": rate("int8"),
         "speedup_fp32_vs_baseline_median": statistics.median(ratios("fp32")),

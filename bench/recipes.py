@@ -17,7 +17,7 @@ Writes (merging by run name) ``runs`` of bench/results/recipes.json.
 
     python bench/recipes.py --project PATH top2-frozen top2-adapt top2-frozen+inv \\
         [--invariances hflip vflip rot90] [--set lr=0.003 ...] [--name SUFFIX] \\
-        [--ema-probes 0.5 1 2 4]
+        [--ema-probes 0.5 1 2 4] [--save-logits DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +48,13 @@ RESULTS = Path(__file__).parent / "results" / "recipes.json"
 
 
 def run_recipe(
-    root: Path, recipe: str, invariances: list[str], overrides: dict, ema_probes: list[float]
+    root: Path,
+    recipe: str,
+    invariances: list[str],
+    overrides: dict,
+    ema_probes: list[float],
+    save_logits: Path | None = None,
+    name: str = "",
 ) -> dict:
     paths = ProjectPaths(root)
     params = load_params(paths.params)
@@ -90,12 +96,26 @@ def run_recipe(
         lambda *_: [probe.update(model) for probe in probes.values()]
     )
 
-    def accuracy_of(trained, activations: torch.Tensor, labels: np.ndarray) -> float:
+    def logits_of(trained, activations: torch.Tensor) -> np.ndarray:
         trained.eval()
         with torch.inference_mode():
             top = _Top(trained, cut, cut)
-            logits = torch.cat([top(chunk) for chunk in activations.split(256)])
-        return round(float((logits.argmax(1).numpy() == labels).mean()), 4)
+            return torch.cat([top(chunk) for chunk in activations.split(256)]).numpy()
+
+    def accuracy_of(trained, activations: torch.Tensor, labels: np.ndarray) -> float:
+        return round(float((logits_of(trained, activations).argmax(1) == labels).mean()), 4)
+
+    def save_epoch_logits(scored, epoch: int) -> None:
+        if save_logits is None:  # for studies of ensembles over runs and epochs
+            return
+        save_logits.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            save_logits / f"{recipe}{name}_epoch{epoch}.npz",
+            val=logits_of(scored, val_h),
+            test=logits_of(scored, test_h),
+            val_labels=val_y,
+            test_labels=test_y,
+        )
 
     def on_epoch(record: dict, scored) -> None:
         # scored: what the pipeline judges (the weight average when finetune.ema_epochs > 0);
@@ -111,11 +131,13 @@ def run_recipe(
         for e, probe in probes.items():
             epoch[f"ema{e:g}_val_accuracy"] = accuracy_of(probe.module, val_h, val_y)
             epoch[f"ema{e:g}_test_accuracy"] = accuracy_of(probe.module, test_h, test_y)
+        save_epoch_logits(scored, record["epoch"])
         epoch["seconds"] = round(time.monotonic() - started, 1)
         epoch["load"] = round(os.getloadavg()[0], 1)
         epochs.append(epoch)
         print(json.dumps(epoch), flush=True)
 
+    save_epoch_logits(model, 0)  # the head (fit on train) that fine-tuning starts from
     result = finetune(
         model,
         train_x,
@@ -162,12 +184,17 @@ def main() -> None:
         default=[],
         help="time constants in epochs of weight averages scored alongside, e.g. 0.5 1 2",
     )
+    parser.add_argument(
+        "--save-logits",
+        type=Path,
+        default=None,
+        help="write each epoch's val and test logits to DIR/<recipe><name>_epoch<N>.npz",
+    )
     args = parser.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     invariances = args.invariances
     if invariances is None:
         invariances = list(load_params(ProjectPaths(args.project).params).data.invariances)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
     for recipe in args.recipes:
         run = run_recipe(
             args.project,
@@ -175,7 +202,11 @@ def main() -> None:
             invariances or ["hflip", "vflip", "rot90"],
             overrides,
             args.ema_probes,
+            args.save_logits,
+            args.name,
         )
+        # Read again now: another run of this script may have written its runs meanwhile.
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
         results["runs"][recipe + args.name] = run
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
