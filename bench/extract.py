@@ -77,13 +77,11 @@ def main() -> None:
         )
         fp32 = OnnxRunner(None, input_size, 64, onnx_path=fp32_path)
         int8 = OnnxRunner(None, input_size, 64, onnx_path=int8_path)
-        fp32_rows = fp32.rows  # the images its run_memory_mb lets one run take
         # The same engine with half the default budget (a smaller arena, more runs): what that
         # memory would cost in speed, measured alongside.
         fp32_half = OnnxRunner(
             None, input_size, 64, onnx_path=fp32_path, run_memory_mb=RUN_MEMORY_MB / 2
         )
-        fp32_half_rows = fp32_half.rows
 
         def plain_timm_loop(images: torch.Tensor) -> None:
             with torch.inference_mode():
@@ -136,8 +134,9 @@ def main() -> None:
         warm = embed(rows, tmp / "data", backbone, params, tmp / "cache")
         assert warm.report.computed == 0
 
-    def ratios(name: str) -> list[float]:
-        return [b / x for b, x in zip(seconds["baseline"], seconds[name], strict=True)]
+    def ratios(name: str, over: str = "baseline") -> list[float]:
+        """Per repeat: ``over``'s seconds over ``name``'s (how many times faster ``name`` ran)."""
+        return [b / x for b, x in zip(seconds[over], seconds[name], strict=True)]
 
     def rate(name: str) -> float:
         return n / statistics.median(seconds[name])
@@ -154,22 +153,15 @@ def main() -> None:
         "bare_onnxruntime_batch64_images_per_s": rate("bare_onnxruntime"),
         "graft_fp32_batch64_images_per_s": rate("fp32"),
         "graft_run_memory_mb": RUN_MEMORY_MB,
-        "graft_images_per_run": slice_rows(64, fp32_rows),
+        "graft_images_per_run": slice_rows(64, fp32.rows),
         "graft_fp32_vs_bare_onnxruntime_median": statistics.median(
-            [b / g for b, g in zip(seconds["bare_onnxruntime"], seconds["fp32"], strict=True)]
+            ratios("fp32", "bare_onnxruntime")
         ),
-        "graft_fp32_vs_bare_onnxruntime_repeats": [
-            b / g for b, g in zip(seconds["bare_onnxruntime"], seconds["fp32"], strict=True)
-        ],
+        "graft_fp32_vs_bare_onnxruntime_repeats": ratios("fp32", "bare_onnxruntime"),
         "graft_fp32_half_budget_run_memory_mb": RUN_MEMORY_MB / 2,
-        "graft_fp32_half_budget_images_per_run": slice_rows(64, fp32_half_rows),
+        "graft_fp32_half_budget_images_per_run": slice_rows(64, fp32_half.rows),
         "graft_fp32_half_budget_vs_bare_onnxruntime_median": statistics.median(
-            [
-                b / g
-                for b, g in zip(
-                    seconds["bare_onnxruntime"], seconds["fp32_half_budget"], strict=True
-                )
-            ]
+            ratios("fp32_half_budget", "bare_onnxruntime")
         ),
         "graft_int8_batch64_images_per_s": rate("int8"),
         "speedup_fp32_vs_baseline_median": statistics.median(ratios("fp32")),
